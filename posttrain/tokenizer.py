@@ -104,5 +104,5 @@ def load_tokenizer(path: str | Path | None = None) -> PreTrainedTokenizerBase:
 
 def is_llama3(tokenizer: PreTrainedTokenizerBase) -> bool:
     """True when the tokenizer carries the Llama 3 special tokens at their ids (then we render the Llama 3 format)."""
-    vocab = tokenizer.get_vocab()
-    return vocab.get("<|start_header_id|>") == START_HEADER and vocab.get("<|eot_id|>") == EOT
+    # convert_tokens_to_ids, not get_vocab(): building the 128k-entry dict costs ~0.2 s per call
+    return tokenizer.convert_tokens_to_ids(["<|start_header_id|>", "<|eot_id|>"]) == [START_HEADER, EOT]

@@ -1,0 +1,281 @@
+"""Render a dialog to token ids with its supervision mask; the Llama 3.1 system prompt; parse a completion back.
+
+Llama 3 tokenizers get the exact Llama 3.1 format, token for token as Meta's `ChatFormat.encode_dialog_prompt`:
+`<|begin_of_text|>` then per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`, where the
+role name, "\\n\\n" and the content are tokenised separately and special-token text inside content stays plain text.
+Other tokenizers (SmolLM2's ChatML) render through their own chat template; the mask is found by rendering once more
+with a sentinel in place of every content and diffing the two texts.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from dataclasses import dataclass
+
+from posttrain.data import validate_messages
+from posttrain.tokenizer import BEGIN_OF_TEXT, END_HEADER, EOM, EOT, PYTHON_TAG, START_HEADER, STOP_IDS, is_llama3
+from posttrain.tools import CUSTOM_FORMATS, encode_tool_calls, format_tool_definitions, parse_tool_calls
+from posttrain.tools import PYTHON_TAG as PYTHON_TAG_TEXT
+from posttrain.tools import split_tool_definitions
+
+DEFAULT_DATE = "26 Jul 2024"
+KNOWLEDGE_CUTOFF = "December 2023"
+TRAIN_ON = ("all", "last")
+# Meta's Tokenizer.encode cuts text into 400k-char chunks and no piece may hold a run of more than 25k whitespace or
+# non-whitespace chars (tiktoken issue 195); the cuts change the tokens, so we cut the same way.
+_MAX_CHUNK_CHARS = 400_000
+_MAX_RUN_CHARS = 25_000
+_TERMINATOR_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>")
+# where a tool call written without the python tag may start, after some content
+_CALL_START = re.compile(
+    r"<function=|\[\s*(?:[A-Za-z_]\w*\(|\{)|\{\s*\"(?:type|name|function)\"|(?:brave_search|wolfram_alpha)\.call\("
+)
+
+
+@dataclass
+class Rendered:
+    """Token ids of a dialog; `mask`: trained on (assistant content + terminator); `format_mask`: headers, terminators."""
+
+    ids: list[int]
+    mask: list[bool]
+    format_mask: list[bool]
+
+    def __post_init__(self):
+        assert len(self.ids) == len(self.mask) == len(self.format_mask), "ids, mask and format_mask differ in length"
+
+
+def system_prompt(tools: list | None = None, system: str = "", *, date: str | None = DEFAULT_DATE,
+                  tool_format: str = "json") -> str:
+    """The Llama 3.1 system prompt: tool environment lines, dates, (pythonic: function definitions), then `system`.
+
+    `Environment: ipython` turns on the code interpreter; `Tools:` names brave_search/wolfram_alpha;
+    `date=None` leaves out the knowledge-cutoff and today lines.
+    """
+    builtins, custom = split_tool_definitions(tools or [])
+    lines = ["Environment: ipython"] if builtins or custom else []
+    named = [name for name in builtins if name != "code_interpreter"]
+    if named:
+        lines.append("Tools: " + ", ".join(named))
+    if date is not None:
+        lines += [f"Cutting Knowledge Date: {KNOWLEDGE_CUTOFF}", f"Today Date: {date}"]
+    blocks = ["\n".join(lines)]
+    if tool_format == "pythonic":
+        blocks.append(format_tool_definitions(custom, "pythonic"))
+    blocks.append(system)
+    return "\n\n".join(b for b in blocks if b)
+
+
+def _with_tool_prompts(messages: list[dict], tools: list, tool_format: str, date: str | None) -> list[dict]:
+    """The dialog with the tool system prompt merged in, and (3.1 json/function_tag) a user turn defining functions."""
+    system = messages[0]["content"] if messages[0]["role"] == "system" else ""
+    body = messages[1:] if messages[0]["role"] == "system" else messages
+    out = [{"role": "system", "content": system_prompt(tools, system, date=date, tool_format=tool_format)}]
+    if tool_format != "pythonic":
+        definitions = format_tool_definitions(tools, tool_format)
+        if definitions:
+            out.append({"role": "user", "content": definitions})
+    return out + body
+
+
+def _trained_indices(messages: list[dict], train_on: str) -> set[int]:
+    assistant = [i for i, m in enumerate(messages) if m["role"] == "assistant"]
+    return set(assistant[-1:] if train_on == "last" else assistant)
+
+
+def render(messages: list[dict], tokenizer, *, tools: list | None = None, add_generation_prompt: bool = False,
+           train_on: str = "all", tool_format: str = "json", date: str | None = DEFAULT_DATE) -> Rendered:
+    """Token ids, supervision mask and format mask of a dialog (messages in DESIGN.md form).
+
+    `train_on="last"` trains only the last assistant turn; `tools` (builtin names and/or function definitions) adds the
+    Llama 3.1 tool system prompt; `tool_format` (json, function_tag, pythonic) says how custom calls are written.
+    Bad messages raise RecordError (a ValueError) naming the message index and field.
+    """
+    if train_on not in TRAIN_ON:
+        raise ValueError(f"train_on: {train_on!r}, expected one of {', '.join(TRAIN_ON)}")
+    if tool_format not in CUSTOM_FORMATS:
+        raise ValueError(f"tool_format: {tool_format!r}, expected one of {', '.join(CUSTOM_FORMATS)}")
+    messages = validate_messages(messages, "messages")
+    if not is_llama3(tokenizer):
+        return _render_template(messages, tokenizer, tools or None, add_generation_prompt, train_on)
+    if tools:
+        messages = _with_tool_prompts(messages, tools, tool_format, date)
+    trained = _trained_indices(messages, train_on)
+    ids, mask, fmt = [BEGIN_OF_TEXT], [False], [False]
+
+    def add(piece: list[int], *, train: bool, is_format: bool) -> None:
+        ids.extend(piece)
+        mask.extend([train] * len(piece))
+        fmt.extend([is_format] * len(piece))
+
+    for i, msg in enumerate(messages):
+        add(_header(tokenizer, msg["role"]), train=False, is_format=True)
+        add(encode_text(tokenizer, msg["content"]), train=i in trained, is_format=False)
+        calls = msg.get("tool_calls") or []
+        if calls:
+            text = encode_tool_calls(calls, tool_format)
+            if text.startswith(PYTHON_TAG_TEXT):
+                add([PYTHON_TAG], train=i in trained, is_format=False)
+                text = text[len(PYTHON_TAG_TEXT):]
+            add(encode_text(tokenizer, text), train=i in trained, is_format=False)
+        add([EOM if calls else EOT], train=i in trained, is_format=True)
+    if add_generation_prompt:
+        add(_header(tokenizer, "assistant"), train=False, is_format=True)
+    return Rendered(ids, mask, fmt)
+
+
+def _header(tokenizer, role: str) -> list[int]:
+    return [START_HEADER, *encode_text(tokenizer, role), END_HEADER, *encode_text(tokenizer, "\n\n")]
+
+
+def encode_text(tokenizer, text: str) -> list[int]:
+    """Token ids of plain text as Meta's `Tokenizer.encode(text, bos=False, eos=False)`: special-token text stays text."""
+    ids: list[int] = []
+    for start in range(0, len(text), _MAX_CHUNK_CHARS):
+        for piece in _split_long_runs(text[start:start + _MAX_CHUNK_CHARS]):
+            ids.extend(tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=True))
+    return ids
+
+
+def _split_long_runs(text: str):
+    """Cut `text` so no piece holds more than _MAX_RUN_CHARS consecutive (non-)whitespace chars, where Meta cuts."""
+    if len(text) <= _MAX_RUN_CHARS:
+        yield text
+        return
+    piece_start = pos = 0
+    for _, run in itertools.groupby(text, key=str.isspace):
+        run_len = len(list(run))
+        for cut in range(pos + _MAX_RUN_CHARS, pos + run_len, _MAX_RUN_CHARS):
+            yield text[piece_start:cut]
+            piece_start = cut
+        pos += run_len
+    yield text[piece_start:]
+
+
+# ---- other tokenizers: their own chat template ---------------------------------------------------------------------
+
+def _template_messages(messages: list[dict], contents: list[str]) -> list[dict]:
+    # HF chat templates call the tool role "tool"
+    return [{**m, "role": "tool" if m["role"] == "ipython" else m["role"], "content": c}
+            for m, c in zip(messages, contents)]
+
+
+def _content_spans(messages: list[dict], tokenizer, tools, add_generation_prompt: bool) -> tuple[str, list[tuple]]:
+    """The rendered text and the char span of every message's content in it."""
+    def apply(contents):
+        return tokenizer.apply_chat_template(_template_messages(messages, contents), tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
+
+    text = apply([m["content"] for m in messages])
+    sentinels = [f"\ue000{i}\ue001" for i in range(len(messages))]
+    marked = apply(sentinels)
+    pieces, pos = [], 0
+    for i, sentinel in enumerate(sentinels):
+        at = marked.find(sentinel, pos)
+        if at < 0:
+            raise ValueError(f"messages[{i}]: the chat template of {tokenizer.name_or_path!r} drops this message")
+        pieces.append(marked[pos:at])
+        pos = at + len(sentinel)
+    pieces.append(marked[pos:])
+    for strip in (False, True):  # some templates trim contents
+        contents = [m["content"].strip() if strip else m["content"] for m in messages]
+        spans, rebuilt = [], pieces[0]
+        for content, piece in zip(contents, pieces[1:]):
+            spans.append((len(rebuilt), len(rebuilt) + len(content)))
+            rebuilt += content + piece
+        if rebuilt == text:
+            return text, spans
+    raise ValueError(f"the chat template of {tokenizer.name_or_path!r} rewrites message contents; cannot locate them")
+
+
+def _render_template(messages: list[dict], tokenizer, tools, add_generation_prompt: bool, train_on: str) -> Rendered:
+    """Render with the tokenizer's chat template; mask = assistant content up to and including its end token."""
+    template_tools = None
+    if tools:
+        builtins, custom = split_tool_definitions(tools)
+        template_tools = custom + [{"type": "function", "function": {"name": name}} for name in builtins]
+    text, spans = _content_spans(messages, tokenizer, template_tools, add_generation_prompt)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), [tuple(o) for o in enc["offset_mapping"]]
+    special = set(tokenizer.all_special_ids) | {i for i, t in tokenizer.added_tokens_decoder.items() if t.special}
+    trained = _trained_indices(messages, train_on)
+    mask, fmt = [False] * len(ids), [False] * len(ids)
+    prev_end = 0  # char where the previous message's terminator ended
+    for i, (start, end) in enumerate(spans):
+        role = "tool" if messages[i]["role"] == "ipython" else messages[i]["role"]
+        for j in _header_tokens(text, ids, offsets, special, prev_end, start, role):
+            fmt[j] = True
+        term = next((j for j, (s, _) in enumerate(offsets) if s >= end and ids[j] in special), None)
+        if messages[i].get("tool_calls") and not _renders_calls(text, end, offsets, term, messages[i]["tool_calls"]):
+            raise ValueError(f"messages[{i}].tool_calls: the chat template of {tokenizer.name_or_path!r} "
+                             "does not render tool calls")
+        if term is not None:
+            fmt[term] = True
+        if i in trained:
+            last_char = offsets[term][1] if term is not None else end
+            for j, (s, e) in enumerate(offsets):
+                if (s < end and e > start) or (s >= end and e <= last_char):
+                    mask[j] = True
+        prev_end = offsets[term][1] if term is not None else end
+    if add_generation_prompt:
+        for j in _header_tokens(text, ids, offsets, special, prev_end, len(text), "assistant"):
+            fmt[j] = True
+    return Rendered(ids, mask, fmt)
+
+
+def _header_tokens(text, ids, offsets, special, region_start: int, region_end: int, role: str) -> list[int]:
+    """Token indices of a message header: from the special token that opens it (before the role name) to its content."""
+    inside = [j for j, (s, e) in enumerate(offsets) if s >= region_start and e <= region_end and e > s]
+    role_at = text.rfind(role, region_start, region_end)
+    opens = [j for j in inside if ids[j] in special and (role_at < 0 or offsets[j][0] <= role_at)]
+    return [j for j in inside if j >= opens[-1]] if opens else []
+
+
+def _renders_calls(text: str, content_end: int, offsets, term, calls: list) -> bool:
+    stop = offsets[term][0] if term is not None else len(text)
+    names = [c.get("function", c).get("name", "") for c in calls]
+    return all(name in text[content_end:stop] for name in names)
+
+
+# ---- completions -----------------------------------------------------------------------------------------------------
+
+def parse_completion(text: str, *, stop_reason: str | int | None = None) -> dict:
+    """The assistant message of a generated completion, with `tool_calls` when it calls tools.
+
+    A trailing end token (`<|eot_id|>`, `<|eom_id|>`, ...) is dropped. `stop_reason="length"` (cut off at the token
+    limit) means a half-written call is no call: the text stays content. Content before a call is kept as content.
+    """
+    for token in _TERMINATOR_TEXTS:
+        if text.endswith(token):
+            text = text[: -len(token)]
+            break
+    if stop_reason == "length":
+        return {"role": "assistant", "content": text}
+    content, calls = _split_calls(text)
+    message = {"role": "assistant", "content": content}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+def _split_calls(text: str) -> tuple[str, list | None]:
+    if PYTHON_TAG_TEXT in text:
+        at = text.index(PYTHON_TAG_TEXT)
+        calls = parse_tool_calls(text[at:])
+        return (text[:at], calls) if calls else (text, None)
+    for m in _CALL_START.finditer(text):
+        calls = parse_tool_calls(text[m.start():])
+        if calls:
+            return text[:m.start()], calls
+    return text, None
+
+
+def stop_token_ids(tokenizer) -> list[int]:
+    """Ids that end a generation: Llama 3's end_of_text/eom/eot; otherwise eos (and `<|im_end|>` for ChatML)."""
+    if is_llama3(tokenizer):
+        return list(STOP_IDS)
+    ids = [] if tokenizer.eos_token_id is None else [tokenizer.eos_token_id]
+    im_end = tokenizer.get_added_vocab().get("<|im_end|>")
+    if im_end is not None and im_end not in ids:
+        ids.append(im_end)
+    return ids
