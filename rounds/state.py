@@ -1,0 +1,82 @@
+"""The run directory: resolved config, per-round stage dirs, DONE markers, and the resume rules.
+
+```
+runs/<name>/config.yaml              resolved config, as run
+runs/<name>/round_00/eval.json       the starting policy, measured before round 1
+runs/<name>/round_NN/<stage>/        manifest.json, then DONE written last
+runs/<name>/round_NN/eval.json
+```
+A stage dir with DONE is finished and skipped on resume; one without it is handed back to its stage, which resumes
+from its own last complete shard or checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import yaml
+
+from posttrain.data import atomic_write_json, atomic_write_text
+
+STAGES = ("prefs", "rm", "samples", "sft", "dpo", "average", "eval")
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def round_dir(self, round_idx: int) -> Path:
+        return self.root / f"round_{round_idx:02d}"
+
+    def stage_dir(self, round_idx: int, stage: str) -> Path:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        return self.round_dir(round_idx) / stage
+
+    def eval_path(self, round_idx: int) -> Path:
+        return self.round_dir(round_idx) / "eval.json"
+
+    @staticmethod
+    def is_done(stage_dir: Path) -> bool:
+        return (stage_dir / "DONE").is_file()
+
+    @staticmethod
+    def mark_done(stage_dir: Path, manifest: dict) -> None:
+        """Write the manifest, then DONE: a stage is finished only once both are on disk."""
+        stage_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(stage_dir / "manifest.json", manifest)
+        atomic_write_text(stage_dir / "DONE", "")
+
+    @staticmethod
+    def manifest(stage_dir: Path) -> dict:
+        return json.loads((stage_dir / "manifest.json").read_text())
+
+    def prepare(self, resolved: dict, force: list[str]) -> None:
+        """Write config.yaml on a new run; on an existing one refuse a changed config unless `force` names stages.
+
+        Forced stages lose their DONE marker and output in every round, and so do the stages after them in each round
+        (their inputs changed). `force=["all"]` redoes everything.
+        """
+        path = self.root / "config.yaml"
+        if path.is_file():
+            previous = yaml.safe_load(path.read_text())
+            if previous != resolved and not force:
+                changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
+                raise ValueError(
+                    f"{path}: the config differs from the one this run started with (changed: {', '.join(changed)}); "
+                    f"pass --force STAGES (comma-separated, or all) to redo stages with the new config"
+                )
+        unknown = [s for s in force if s not in STAGES and s != "all"]
+        if unknown:
+            raise ValueError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)}, or all)")
+        if force:
+            first = 0 if "all" in force else min(STAGES.index(s) for s in force)
+            for round_dir in sorted(self.root.glob("round_*")):
+                for stage in STAGES[first:]:
+                    shutil.rmtree(round_dir / stage, ignore_errors=True)
+                if "eval" in STAGES[first:]:
+                    (round_dir / "eval.json").unlink(missing_ok=True)
+        self.root.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
