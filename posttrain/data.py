@@ -20,6 +20,8 @@ from typing import Any
 ROLES = ("system", "user", "assistant", "ipython")
 ROLE_ALIASES = {"tool": "ipython"}
 KINDS = ("sft", "prompt", "preference", "samples")
+_UMASK = os.umask(0)
+os.umask(_UMASK)
 
 
 class RecordError(ValueError):
@@ -214,6 +216,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600; give the file the mode open() would
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -57,3 +57,8 @@ def test_bad_config_fails_at_load_naming_the_key(tmp_path, text, overrides, mess
 def test_missing_file_names_the_path(tmp_path):
     with pytest.raises(ConfigError, match="nope.yaml: config file not found"):
         load_config(StageConfig, tmp_path / "nope.yaml")
+
+
+def test_exponent_without_a_dot_is_a_float(tmp_path):
+    cfg = load_config(StageConfig, _write(tmp_path, "train:\n  learning_rate: 1e-5\n"), ["train.weight_decay=1e-2"])
+    assert cfg.train.learning_rate == 1e-5 and cfg.train.weight_decay == 0.01

@@ -81,3 +81,12 @@ def test_write_jsonl_is_atomic_and_leaves_no_temp_files(tmp_path):
     assert write_jsonl(path, [{"a": 1}, {"b": "é"}]) == 2
     assert path.read_text(encoding="utf-8").splitlines() == ['{"a": 1}', '{"b": "é"}']
     assert [p.name for p in tmp_path.iterdir()] == ["out.jsonl"]
+
+
+def test_atomic_writes_get_the_usual_file_mode(tmp_path):
+    import os
+
+    write_jsonl(tmp_path / "m.jsonl", [{"a": 1}])
+    umask = os.umask(0)
+    os.umask(umask)
+    assert (tmp_path / "m.jsonl").stat().st_mode & 0o777 == 0o666 & ~umask
