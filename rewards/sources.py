@@ -1,0 +1,118 @@
+"""Reward sources composed into one reward: a reward model and/or rule-based verifiers, weighted.
+
+Each source scores every (prompt record, completion message); its raw score is kept under `scores[name]`, and the
+reward is the weighted sum of the sources' scores, each optionally normalised over the K samples of its prompt
+(z-score or min-max) so that an RM logit and a 0/1 verifier can share one scale.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+from posttrain.config import ConfigError, check_choice, check_range, field
+
+RM_KIND = "rm"
+NORMALIZATIONS = ("none", "zscore", "minmax")
+
+
+def verifier_names() -> tuple[str, ...]:
+    from rewards.verifiable import VERIFIERS
+
+    return tuple(VERIFIERS)
+
+
+@dataclasses.dataclass
+class RewardSourceConfig:
+    kind: str = field("", help="rm (a trained reward model) or a verifier: answer, exact, regex, unit_tests, tool_call")
+    weight: float = field(1.0, help="weight of this source in the summed reward")
+    path: str = field("", help="reward model dir (kind rm only)")
+    name: str = field("", help="key of this source in each sample's scores (default: kind)")
+    normalize: str = field("none", help="before weighting, over the K samples of a prompt: none, zscore or minmax")
+    batch_size: int = field(8, help="sequences per reward-model forward (kind rm only)")
+    options: dict[str, Any] = field(default_factory=dict, help="verifier options (sandbox limits, tolerances); they override a prompt's meta")
+
+    def __post_init__(self):
+        kinds = (RM_KIND, *verifier_names())
+        if not self.kind:
+            raise ConfigError(f"kind: missing; one of {', '.join(kinds)}")
+        check_choice("kind", self.kind, kinds)
+        check_choice("normalize", self.normalize, NORMALIZATIONS)
+        check_range("batch_size", self.batch_size, low=1)
+        if self.kind == RM_KIND and not self.path:
+            raise ConfigError("path: missing; a reward source of kind rm needs the reward model dir")
+        self.name = self.name or self.kind
+
+
+def normalize(scores: list[float], how: str) -> list[float]:
+    """Scores of one prompt's samples: z-score (population std) or min-max to [0, 1]; all-equal scores map to 0."""
+    if how == "none":
+        return list(scores)
+    low, high = min(scores), max(scores)
+    if high == low:
+        return [0.0] * len(scores)
+    if how == "minmax":
+        return [(s - low) / (high - low) for s in scores]
+    mean = sum(scores) / len(scores)
+    std = math.sqrt(sum((s - mean) ** 2 for s in scores) / len(scores))
+    return [(s - mean) / std for s in scores]
+
+
+CONFIG_ONLY_OPTIONS = ("allow_unisolated",)  # a data file never turns sandbox isolation off
+
+
+def _verifier_meta(source: RewardSourceConfig, record: dict) -> dict:
+    """The record's tools (for tool_call), then its meta, then the source's options: the later one wins.
+
+    The config has the last word, so that a data file can never relax a sandbox limit such as allow_unisolated.
+    """
+    tools = {"tools": record["tools"]} if record.get("tools") else {}
+    meta = {k: v for k, v in (record.get("meta") or {}).items() if k not in CONFIG_ONLY_OPTIONS}
+    return {**tools, **meta, **source.options}
+
+
+class RewardComposer:
+    """Scores groups of completions (the K samples of each prompt) with every configured source."""
+
+    def __init__(self, sources: list[RewardSourceConfig]):
+        if not sources:
+            raise ConfigError("rewards: no reward source; add an rm or a verifier (answer, regex, ...)")
+        names = [s.name for s in sources]
+        duplicate = next((n for n in names if names.count(n) > 1), None)
+        if duplicate:
+            raise ConfigError(f"rewards: two sources named {duplicate!r}; give each a distinct name")
+        self.sources = sources
+        self._reward_models: dict[str, Any] = {}
+
+    def _reward_model(self, source: RewardSourceConfig):
+        if source.path not in self._reward_models:
+            from rewards.model import RewardModel
+
+            self._reward_models[source.path] = RewardModel.from_pretrained(source.path)
+        return self._reward_models[source.path]
+
+    def _raw_scores(self, source: RewardSourceConfig, records: list[dict], messages: list[dict]) -> list[float]:
+        if source.kind == RM_KIND:
+            prompts = [r["messages"] for r in records]
+            return [float(s) for s in self._reward_model(source).score(prompts, messages, batch_size=source.batch_size)]
+        from rewards.verifiable import VERIFIERS
+
+        verify = VERIFIERS[source.kind]
+        return [float(verify(m, _verifier_meta(source, r))) for r, m in zip(records, messages)]
+
+    def score(self, records: list[dict], groups: list[list[dict]]) -> list[list[dict]]:
+        """For prompt records and their groups of completion messages: `{"reward", "scores"}` per completion."""
+        if len(records) != len(groups):
+            raise ValueError(f"{len(records)} prompt records but {len(groups)} groups of completions")
+        flat_records = [r for r, group in zip(records, groups) for _ in group]
+        flat_messages = [m for group in groups for m in group]
+        out = [[{"reward": 0.0, "scores": {}} for _ in group] for group in groups]
+        for source in self.sources:
+            raw = iter(self._raw_scores(source, flat_records, flat_messages))
+            for scored in out:
+                group_raw = [next(raw) for _ in scored]
+                for item, value, norm in zip(scored, group_raw, normalize(group_raw, source.normalize)):
+                    item["scores"][source.name] = value
+                    item["reward"] += source.weight * norm
+        return out
