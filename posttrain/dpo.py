@@ -29,6 +29,7 @@ from trl import DPOConfig, DPOTrainer
 
 from posttrain import accel
 from posttrain.accel import AccelConfig
+from posttrain.compat import checkpointing_args
 from posttrain.backbone import apply_lora, load_model, load_tokenizer_for, merge_lora, resolve_dtype, save_model
 from posttrain.chat import render
 from posttrain.config import (
@@ -291,8 +292,8 @@ def _trainer_args(cfg: DPOStageConfig, out: Path) -> DPOConfig:
         output_dir=str(out / "checkpoints"), learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,
         warmup_steps=t.warmup_ratio, num_train_epochs=t.num_epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, seed=t.seed,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs=accel.checkpointing_kwargs(cfg.accel),
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        **checkpointing_args(DPOConfig, t.gradient_checkpointing, accel.checkpointing_kwargs(cfg.accel)),
         logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps else "no", save_steps=t.save_steps or 1,
         save_total_limit=1, report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16,

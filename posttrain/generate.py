@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache, StaticCache
 
 from posttrain import accel, chat
+from posttrain.compat import cache_kwarg
 from posttrain.tokenizer import load_tokenizer
 
 _MASK32 = 0xFFFFFFFF
@@ -150,7 +151,7 @@ def prefill(model, prompts: list[list[int]], pad_id: int, *, length_multiple: in
     input_ids, attention_mask = input_ids.to(device), attention_mask.to(device)
     position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)
     cache = DynamicCache(config=model.config)
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **{cache_kwarg(model): cache},
                 use_cache=True, logits_to_keep=1)
     return Prefilled(out.logits[:, -1].float(), cache, attention_mask, attention_mask.sum(-1))
 
@@ -171,7 +172,7 @@ def share_prefill(state: Prefilled, k: int, max_new_tokens: int, *, static: bool
 
 def decode_step(model, input_ids: torch.Tensor, position_ids: torch.Tensor, attention_mask: torch.Tensor, cache):
     """One token for every row: input_ids/position_ids [N, 1], attention_mask [N, S] -> logits [N, V] (float32)."""
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, cache=cache,
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids, **{cache_kwarg(model): cache},
                 use_cache=True)
     return out.logits[:, -1].float()
 

@@ -23,6 +23,7 @@ from transformers import TrainerCallback
 
 from posttrain import accel, backbone, chat
 from posttrain.accel import AccelConfig
+from posttrain.compat import checkpointing_args
 from posttrain.config import (
     ConfigError,
     LoRAConfig,
@@ -202,8 +203,7 @@ def _trainer_args(cfg: SFTStageConfig, has_eval: bool):
         data_seed=t.seed,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,
-        activation_checkpointing=t.gradient_checkpointing,
-        activation_checkpointing_kwargs=accel.checkpointing_kwargs(cfg.accel),
+        **checkpointing_args(SFTConfig, t.gradient_checkpointing, accel.checkpointing_kwargs(cfg.accel)),
         logging_steps=t.logging_steps,
         save_strategy="steps" if t.save_steps else "no",
         save_steps=t.save_steps or 500,  # unused when 0: no checkpoints, the model is saved at the end
