@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import datetime
 import json
 from pathlib import Path
 
@@ -32,13 +33,16 @@ def load_runs(out: Path) -> list[dict]:
     return runs
 
 
-def _ddp_base(runs: list[dict], card: str) -> float | None:
-    for run in runs:
-        if run.get("card") == card and run.get("world_size", 1) == 1:
-            value = run["workloads"].get("sft", {}).get("ours", {}).get("tokens_per_s")
-            if value:
-                return value
-    return None
+def _ddp_base(runs: list[dict], run: dict) -> float | None:
+    """The 1-GPU 'ours' SFT figure on the same card taken nearest in time to `run` (the same machine, in practice)."""
+    when = datetime.datetime.fromisoformat(run["date"]) if run.get("date") else None
+    candidates = []
+    for other in runs:
+        value = other["workloads"].get("sft", {}).get("ours", {}).get("tokens_per_s")
+        if other.get("card") == run.get("card") and other.get("world_size", 1) == 1 and value:
+            gap = abs(datetime.datetime.fromisoformat(other["date"]) - when) if when and other.get("date") else None
+            candidates.append((gap if gap is not None else datetime.timedelta.max, value))
+    return min(candidates)[1] if candidates else None
 
 
 def rows(run: dict, runs: list[dict] = ()) -> list[dict]:
@@ -46,7 +50,7 @@ def rows(run: dict, runs: list[dict] = ()) -> list[dict]:
     out = []
     for workload, (key, unit, (kind, target)) in FIGURES.items():
         variants = run.get("workloads", {}).get(workload, {})
-        base = variants.get("stock", {}).get(key) if workload != "sft_ddp" else _ddp_base(runs, run.get("card"))
+        base = variants.get("stock", {}).get(key) if workload != "sft_ddp" else _ddp_base(runs, run)
         for name, figures in variants.items():
             value = figures.get(key)
             ratio = value / base if value and base else None
