@@ -4,8 +4,8 @@
     accelerate launch --num_processes 2 bench/run.py --workloads sft_ddp --out DIR     (after a 1-GPU run in DIR)
 
 Models are random-init Llama-3.1-8B shapes in bf16 with LoRA r=16 on every linear layer (--dry: the 2-layer `tiny`
-config on CPU, tiny sizes, so a CPU test keeps this script alive). "Stock" is configured as
-/work/shared/tools/stock_baseline.py does; "ours" runs the stage code (posttrain.sft / posttrain.dpo trainers,
+config on CPU, tiny sizes, so a CPU test keeps this script alive). "Stock" is configured the way
+the stock-baseline script behind the targets configures it; "ours" runs the stage code (posttrain.sft / posttrain.dpo trainers,
 posttrain.generate, rewards.model.RewardModel) with the levers of posttrain.accel. Every variant builds a fresh model
 (seed 0), so no lever leaks into the next. Writes DIR/bench.json, regenerates bench/RESULTS.md from every run JSON
 in DIR, and prints a table of ratios last. Timings are medians over steps after the first two (warm-up reported apart).
