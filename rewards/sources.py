@@ -31,7 +31,7 @@ class RewardSourceConfig:
     name: str = field("", help="key of this source in each sample's scores (default: kind)")
     normalize: str = field("none", help="before weighting, over the K samples of a prompt: none, zscore or minmax")
     batch_size: int = field(8, help="sequences per reward-model forward (kind rm only)")
-    options: dict[str, Any] = field(default_factory=dict, help="verifier options (sandbox limits, tolerances); they override a prompt's meta")
+    options: dict[str, Any] = field(default_factory=dict, help="verifier options; a prompt's meta overrides them, except the sandbox limits")
 
     def __post_init__(self):
         kinds = (RM_KIND, *verifier_names())
@@ -59,17 +59,17 @@ def normalize(scores: list[float], how: str) -> list[float]:
     return [(s - mean) / std for s in scores]
 
 
-CONFIG_ONLY_OPTIONS = ("allow_unisolated",)  # a data file never turns sandbox isolation off
+CONFIG_ONLY_OPTIONS = ("allow_unisolated", "timeout_s", "memory_mb")  # sandbox limits: never from a data file
 
 
 def _verifier_meta(source: RewardSourceConfig, record: dict) -> dict:
-    """The record's tools (for tool_call), then its meta, then the source's options: the later one wins.
+    """The source's options, then the record's tools (for tool_call), then its meta: the later one wins.
 
-    The config has the last word, so that a data file can never relax a sandbox limit such as allow_unisolated.
+    Sandbox limits are read from the options alone, so that a data file can never relax them.
     """
     tools = {"tools": record["tools"]} if record.get("tools") else {}
     meta = {k: v for k, v in (record.get("meta") or {}).items() if k not in CONFIG_ONLY_OPTIONS}
-    return {**tools, **meta, **source.options}
+    return {**source.options, **tools, **meta}
 
 
 class RewardComposer:
