@@ -21,6 +21,7 @@ import yaml
 from posttrain.data import atomic_write_json, atomic_write_text
 
 STAGES = ("prefs", "rm", "samples", "sft", "dpo", "average", "eval")
+FREE_KEYS = ("rounds",)  # config keys a run may change without --force
 
 
 class RunDir:
@@ -53,30 +54,41 @@ class RunDir:
     def manifest(stage_dir: Path) -> dict:
         return json.loads((stage_dir / "manifest.json").read_text())
 
-    def prepare(self, resolved: dict, force: list[str]) -> None:
-        """Write config.yaml on a new run; on an existing one refuse a changed config unless `force` names stages.
+    def check(self, resolved: dict, force: list[str]) -> None:
+        """Refuse a config that differs from the one this run started with, unless `force` names stages to redo.
 
-        Forced stages lose their DONE marker and output in every round, and so do the stages after them in each round
-        (their inputs changed). `force=["all"]` redoes everything.
+        `rounds` may change freely: raising it continues a finished run. Reads only, so every process may call it.
         """
-        path = self.root / "config.yaml"
-        if path.is_file():
-            previous = yaml.safe_load(path.read_text())
-            if previous != resolved and not force:
-                changed = sorted(k for k in set(previous) | set(resolved) if previous.get(k) != resolved.get(k))
-                raise ValueError(
-                    f"{path}: the config differs from the one this run started with (changed: {', '.join(changed)}); "
-                    f"pass --force STAGES (comma-separated, or all) to redo stages with the new config"
-                )
         unknown = [s for s in force if s not in STAGES and s != "all"]
         if unknown:
             raise ValueError(f"--force: unknown stage {unknown[0]!r} (stages: {', '.join(STAGES)}, or all)")
+        path = self.root / "config.yaml"
+        if not path.is_file() or force:
+            return
+        previous = yaml.safe_load(path.read_text())
+        changed = sorted(k for k in set(previous) | set(resolved)
+                         if k not in FREE_KEYS and previous.get(k) != resolved.get(k))
+        if changed:
+            raise ValueError(
+                f"{path}: the config differs from the one this run started with (changed: {', '.join(changed)}); "
+                f"pass --force STAGES (comma-separated, or all) to redo stages with the new config"
+            )
+
+    def prepare(self, resolved: dict, force: list[str]) -> None:
+        """Write config.yaml on a new run; on an existing one refuse a changed config unless `force` names stages.
+
+        A forced stage loses its DONE marker and output in round 1, and so do the stages after it (their inputs
+        changed); every stage but eval shapes the policy that later rounds start from, so those rounds are redone
+        whole (forcing eval alone redoes every round's eval). `force=["all"]` redoes everything.
+        """
+        self.check(resolved, force)
         if force:
             first = 0 if "all" in force else min(STAGES.index(s) for s in force)
             for round_dir in sorted(self.root.glob("round_*")):
-                for stage in STAGES[first:]:
+                later = int(round_dir.name.removeprefix("round_")) > 1 and STAGES[first] != "eval"
+                for stage in STAGES if later else STAGES[first:]:
                     shutil.rmtree(round_dir / stage, ignore_errors=True)
                 if "eval" in STAGES[first:]:
                     (round_dir / "eval.json").unlink(missing_ok=True)
         self.root.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(path, yaml.safe_dump(resolved, sort_keys=False))
+        atomic_write_text(self.root / "config.yaml", yaml.safe_dump(resolved, sort_keys=False))

@@ -1,0 +1,465 @@
+"""`posttrain run CONFIG.yaml`: the Llama 3 loop for N rounds, resumable, with a report of what each round changed.
+
+Round r (DESIGN.md "One round"), every step a stage dir under `runs/<name>/round_NN/` (layout in rounds/state.py):
+  prefs    K responses per prompt from the policy of round r-1, labelled (rounds/collect.py)
+  rm       a reward model from the BASE on all preference data so far: given + collected + earlier RS pairs
+  samples  rejection sampling from the policy of round r-1, scored by this round's RM and/or verifiers
+  sft      from the base (or, with sft.continue_from_policy, the policy of round r-1) on all RS best-of-K so far
+           plus the given SFT data
+  dpo      from this round's SFT model (also the reference) on this round's pairs only
+  average  optional soup of this round's SFT and DPO models
+  eval     greedy, held-out -> round_NN/eval.json; the round's policy samples in round r+1
+The base is measured too, before round 1 (round_00/eval.json). Stages talk only through files in the run dir.
+The `rm`, `rs`, `sft` and `dpo` sections hold partial stage settings merged into the stage configs
+(RMStageConfig, SampleStageConfig, SFTStageConfig, DPOStageConfig); the run fills in models, data and dirs.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import shutil
+from pathlib import Path
+from typing import Any
+
+from posttrain.config import ConfigError, LoRAConfig, ModelConfig, check_range, field, to_dict
+from rounds import stage_configs
+from rounds.collect import LabelsNeeded, PrefsConfig
+from rounds.stage_configs import (PAIR_SOURCES, build, deep_merge, dpo_config, rm_config, rs_config, rs_uses_run_rm,
+                                  sft_config, variants)
+from rounds.state import RunDir
+
+ROUND_OVERRIDE_KEYS = ("stages", "prefs", "rm", "rs", "sft", "dpo", "average")
+
+
+@dataclasses.dataclass
+class TaskConfig:
+    name: str = field("addition", help="task from rounds.tasks.TASKS: train prompts, held-out eval, verifier")
+    rs_prompts: int = field(64, help="fresh train prompts per round for rejection sampling")
+    pref_prompts: int = field(32, help="fresh train prompts per round for preference collection")
+    eval_prompts: int = field(128, help="held-out prompts scored after every round (128 or more for a usable estimate)")
+    prompt_files: list[str] = field(default_factory=list, help="prompt record files to take RS and preference "
+                                                                "prompts from, instead of the task's train split")
+
+    def __post_init__(self):
+        from rounds.tasks import TASKS
+
+        if self.name not in TASKS:
+            raise ConfigError(f"name: unknown task {self.name!r} (known: {', '.join(TASKS)})")
+        check_range("rs_prompts", self.rs_prompts, low=1)
+        check_range("pref_prompts", self.pref_prompts, low=1)
+        check_range("eval_prompts", self.eval_prompts, low=1)
+
+
+@dataclasses.dataclass
+class StagesConfig:
+    rm: bool = field(True, help="train a reward model this round")
+    rs: bool = field(True, help="rejection-sample this round")
+    sft: bool = field(True, help="fine-tune this round")
+    dpo: bool = field(True, help="run DPO this round")
+
+
+@dataclasses.dataclass
+class AverageConfig:
+    members: list[str] = field(default_factory=list, help="round soup: average these models of the round (sft, dpo) "
+                                                          "into the round's policy; [] = off")
+    weights: list[float] | None = field(None, help="one weight per member (null: uniform)")
+
+    def __post_init__(self):
+        if any(m not in ("sft", "dpo") for m in self.members) or len(set(self.members)) != len(self.members):
+            raise ConfigError(f"members: {self.members}; list distinct stages among sft, dpo")
+        if self.weights is not None and len(self.weights) != len(self.members):
+            raise ConfigError(f"weights: {len(self.weights)} weights for {len(self.members)} members")
+
+
+@dataclasses.dataclass
+class EvalSettings:
+    max_new_tokens: int = field(48, help="tokens generated per eval response")
+    batch_size: int = field(32, help="prompts decoded together")
+    system_prompt: str | None = field(None, help="system prompt for every eval prompt")
+
+
+@dataclasses.dataclass
+class RunConfig:
+    name: str = field("", help="run name: the run lives in runs_dir/name")
+    runs_dir: str = field("runs", help="parent dir of runs")
+    model: ModelConfig = field(default_factory=ModelConfig, help="the base (pre-trained) checkpoint: RM and SFT start "
+                                                                 "from it every round")
+    lora: LoRAConfig = field(default_factory=LoRAConfig, help="LoRA for every training stage (a section may override)")
+    rounds: int = field(1, help="rounds to run; raising it on a finished run continues it")
+    seed: int = field(0, help="seed of prompt selection, sampling and training (a section may override)")
+    task: TaskConfig = field(default_factory=TaskConfig, help="prompts per round and the held-out eval")
+    prefs: PrefsConfig = field(default_factory=PrefsConfig, help="preference collection and given preference files")
+    stages: StagesConfig = field(default_factory=StagesConfig, help="stage on/off switches (per round: round_overrides)")
+    rm: dict[str, Any] = field(default_factory=dict, help="RMStageConfig settings; pairs_from: rs, prefs and/or given "
+                                                          "(default all); variants: [partial overrides] trains each "
+                                                          "and averages them (variant_weights)")
+    rs: dict[str, Any] = field(default_factory=dict, help="SampleStageConfig settings (k, temperature, rewards, ...); "
+                                                          "rewards default [{kind: rm}] = this round's RM")
+    sft: dict[str, Any] = field(default_factory=dict, help="SFTStageConfig settings; data: given SFT sources; "
+                                                           "continue_from_policy: start from the last policy, not the base")
+    dpo: dict[str, Any] = field(default_factory=dict, help="DPOStageConfig settings; pairs_from: this round's rs, "
+                                                           "prefs and/or given pairs (default all three)")
+    average: AverageConfig = field(default_factory=AverageConfig, help="optional soup of the round's models")
+    eval: EvalSettings = field(default_factory=EvalSettings, help="greedy held-out eval after every round")
+    round_overrides: dict[str, dict[str, Any]] = field(default_factory=dict, help="round -> partial settings for that "
+                                                                                  "round, e.g. {3: {rs: {temperature: 0.6}}}")
+
+    def __post_init__(self):
+        if not self.name:
+            raise ConfigError("name: missing; the run is written to runs_dir/name")
+        check_model_path("model.path", self.model.path)
+        check_range("rounds", self.rounds, low=1)
+        for r, override in self.round_overrides.items():
+            check_round_override(self, r, override)
+        for r in range(1, self.rounds + 1):
+            validate_round(self, r)
+
+
+# ---------------------------------------------------------------------------------------------------- settings
+
+
+def check_model_path(key: str, path: str) -> None:
+    from posttrain.backbone import CONFIGS, SMOLLM2
+
+    if not path:
+        raise ConfigError(f"{key}: missing; name the base checkpoint: an HF dir, Meta dir, .gguf file or a config "
+                          f"name ({SMOLLM2}, llama3.1-8b, tiny, ...)")
+    if path not in CONFIGS and path != SMOLLM2 and not Path(path).exists():
+        raise ConfigError(f"{key}: {path}: no such file or directory, and not a config name ({SMOLLM2}, tiny, ...)")
+
+
+def _override(cfg: RunConfig, r: int) -> dict:
+    return next((o for k, o in cfg.round_overrides.items() if str(k) == str(r)), {})
+
+
+def check_round_override(cfg: RunConfig, r: str, override: dict) -> None:
+    if not str(r).isdigit() or not 1 <= int(r) <= cfg.rounds:
+        raise ConfigError(f"round_overrides.{r}: not a round of this run (1..{cfg.rounds})")
+    for key in override:
+        if key not in ROUND_OVERRIDE_KEYS:
+            raise ConfigError(f"round_overrides.{r}.{key}: cannot change per round (allowed: "
+                              f"{', '.join(ROUND_OVERRIDE_KEYS)})")
+
+
+def round_config(cfg: RunConfig, r: int) -> RunConfig:
+    """The settings of round r: the run's, with round_overrides[r] merged in (sections checked as they merge)."""
+    override = _override(cfg, r)
+    if not override:
+        return cfg
+    out = copy.copy(cfg)
+    for key, value in override.items():
+        current = getattr(cfg, key)
+        if dataclasses.is_dataclass(current):
+            value = build(type(current), deep_merge(to_dict(current), value), f"round_overrides.{r}.{key}")
+        else:
+            value = deep_merge(current, value)
+        setattr(out, key, value)
+    out.round_overrides = {}
+    return out
+
+
+def validate_round(cfg: RunConfig, r: int) -> None:
+    rcfg = round_config(cfg, r)
+    try:
+        stage_configs.validate(rcfg)
+    except ConfigError as e:
+        raise ConfigError(f"round_overrides.{r}.{e}" if _override(cfg, r) else str(e)) from None
+    if r > 1:
+        return
+    if rcfg.stages.rm and not (rcfg.prefs.collects(1) or given_prefs(rcfg, 1) or rcfg.rm.get("data")):
+        raise ConfigError("prefs.rounds: round 1 trains a reward model but has no preference data; collect "
+                          "preferences in round 1, give files (prefs.given, rm.data) or set stages.rm: false")
+    if rcfg.stages.rs and rs_uses_run_rm(rcfg) and not rcfg.stages.rm:
+        raise ConfigError("rs.rewards: {kind: rm} scores with the run's reward model, but stages.rm is off in "
+                          "round 1; give the rm source a path or score with a verifier ({kind: answer})")
+
+
+# ---------------------------------------------------------------------------------------------------- the run
+
+
+@dataclasses.dataclass
+class Run:
+    cfg: RunConfig
+    dir: RunDir
+    state: Any  # accelerate.PartialState: every process runs the stages, process 0 alone writes the run's own files
+
+    def say(self, text: str) -> None:
+        if self.state.is_main_process:
+            print(text)
+
+    def main_then_wait(self, fn, *args) -> None:
+        if self.state.is_main_process:
+            fn(*args)
+        self.state.wait_for_everyone()
+
+
+def model_dir(stage: str, stage_dir: Path) -> Path:
+    """Where a stage keeps its model: DPO in model/, the RM, SFT and the round soup at the top of their dir."""
+    return stage_dir / "model" if stage == "dpo" else stage_dir
+
+
+def stage_model(run: Run, r: int, stage: str) -> str | None:
+    """The finished model of a stage of round r, or None (stage off, skipped for lack of data, or not done)."""
+    d = run.dir.stage_dir(r, stage)
+    model = model_dir(stage, d)
+    has_model = (model / "config.json").is_file() or (model / "adapter_config.json").is_file()
+    return str(model) if RunDir.is_done(d) and has_model else None
+
+
+def policy_after(run: Run, r: int) -> str:
+    """The policy that round r leaves: its soup, else its DPO model, else its SFT model, else round r-1's."""
+    for r_ in range(r, 0, -1):
+        for stage in ("average", "dpo", "sft"):
+            if found := stage_model(run, r_, stage):
+                return found
+    return run.cfg.model.path
+
+
+def latest_rm(run: Run, r: int) -> str | None:
+    return next((m for r_ in range(r, 0, -1) if (m := stage_model(run, r_, "rm"))), None)
+
+
+def _nonempty(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 0
+
+
+def given_prefs(cfg: RunConfig, r: int) -> list[str]:
+    return [p for k, files in cfg.prefs.given.items() if str(k) == str(r) for p in files]
+
+
+def preference_files(run: Run, rcfg: RunConfig, r: int) -> list[str]:
+    """The RM's data in round r (from the sources rm.pairs_from names): pairs given and collected up to round r, and
+    RS pairs of the rounds before r."""
+    sources = rcfg.rm.get("pairs_from") or PAIR_SOURCES
+    files = []
+    for r_ in range(1, r + 1):
+        files += given_prefs(rcfg, r_) if "given" in sources else []
+        collected, sampled = (run.dir.stage_dir(r_, s) / "pairs.jsonl" for s in ("prefs", "samples"))
+        files += [str(collected)] if "prefs" in sources and _nonempty(collected) else []
+        files += [str(sampled)] if "rs" in sources and r_ < r and _nonempty(sampled) else []
+    return files
+
+
+def latest_pairs(run: Run, rcfg: RunConfig, r: int) -> list[str]:
+    """This round's pairs for DPO, from the sources dpo.pairs_from names."""
+    sources = rcfg.dpo.get("pairs_from") or PAIR_SOURCES
+    files = given_prefs(rcfg, r) if "given" in sources else []
+    for source, stage in (("prefs", "prefs"), ("rs", "samples")):
+        path = run.dir.stage_dir(r, stage) / "pairs.jsonl"
+        files += [str(path)] if source in sources and _nonempty(path) else []
+    return files
+
+
+def sft_files(run: Run, r: int) -> list[str]:
+    return [str(p) for r_ in range(1, r + 1) if _nonempty(p := run.dir.stage_dir(r_, "samples") / "sft.jsonl")]
+
+
+def round_prompts(cfg: RunConfig, r: int, kind: str) -> list[dict]:
+    """This round's slice of one seeded stream of train prompts: preference prompts, then RS prompts."""
+    from rounds.tasks import get_task
+
+    n_pref, n_rs = cfg.task.pref_prompts, cfg.task.rs_prompts
+    offset = (r - 1) * (n_pref + n_rs) + (n_pref if kind == "rs" else 0)
+    n = n_rs if kind == "rs" else n_pref
+    if not cfg.task.prompt_files:
+        return get_task(cfg.task.name).prompts("train", n, seed=cfg.seed, offset=offset)
+    from rounds.rejection import load_prompts
+
+    records = load_prompts(cfg.task.prompt_files)
+    if offset + n > len(records):
+        raise ValueError(f"task.prompt_files: round {r} needs prompts {offset}..{offset + n - 1}, the files hold "
+                         f"{len(records)}")
+    return records[offset:offset + n]
+
+
+def write_prompts(run: Run, rcfg: RunConfig, r: int, kind: str, out: Path) -> Path:
+    from posttrain.data import write_jsonl
+
+    path = out / "prompts.jsonl"
+    run.main_then_wait(write_jsonl, path, round_prompts(rcfg, r, kind))
+    return path
+
+
+def mark_skipped(run: Run, out: Path, stage: str, reason: str) -> None:
+    run.say(f"{out.parent.name} {stage}: skipped: {reason}")
+    run.main_then_wait(RunDir.mark_done, out, {"stage": stage, "skipped": reason})
+
+
+# ---------------------------------------------------------------------------------------------------- steps
+
+
+def soup(stage: str, out: Path, sources: list[str], weights: list[float] | None, manifest: dict) -> None:
+    """Average `sources` into the stage's model dir, then write its manifest and DONE."""
+    from posttrain.averaging import average_checkpoints
+
+    tmp = out / ".soup"
+    average_checkpoints(sources, tmp, weights)
+    target = model_dir(stage, out)
+    target.mkdir(parents=True, exist_ok=True)
+    for item in tmp.iterdir():
+        if item.name not in ("manifest.json", "DONE"):  # a variant's own markers, copied along by the averaging
+            item.replace(target / item.name)
+    shutil.rmtree(tmp)
+    RunDir.mark_done(out, {"stage": stage, "sources": sources, "weights": weights, **manifest})
+
+
+def train_stage(run: Run, stage: str, out: Path, configs: list, train, weights: list[float] | None) -> None:
+    """Train the stage once into `out`, or each variant into out/variants/vN (each resumable) and average them."""
+    if len(configs) == 1:
+        train(configs[0])
+        return
+    for cfg in configs:
+        if not RunDir.is_done(Path(cfg.train.output_dir)):
+            train(cfg)
+    dirs = [Path(cfg.train.output_dir) for cfg in configs]
+    manifests = [RunDir.manifest(d) for d in dirs]
+    numeric = {k for k, v in manifests[0].get("metrics", {}).items() if isinstance(v, (int, float))}
+    metrics = {k: sum(m["metrics"][k] for m in manifests) / len(manifests)
+               for k in numeric if all(isinstance(m.get("metrics", {}).get(k), (int, float)) for m in manifests)}
+    summary = {"inputs": manifests[0].get("inputs"), "metrics": metrics,
+               "variants": [{"dir": str(d), "metrics": m.get("metrics")} for d, m in zip(dirs, manifests)]}
+    run.main_then_wait(soup, stage, out, [str(model_dir(stage, d)) for d in dirs], weights, summary)
+
+
+def _stage_configs(rcfg: RunConfig, section: str, out: Path, build) -> list:
+    """One stage config, or one per variant (each in out/variants/vN)."""
+    return [build(out / "variants" / f"v{i}", v) for i, v in enumerate(variants(rcfg, section))] or [build(out, None)]
+
+
+def step_prefs(run: Run, rcfg: RunConfig, r: int) -> None:
+    from rounds.collect import collect
+    from rounds.tasks import get_task
+
+    out = run.dir.stage_dir(r, "prefs")
+    prompts = write_prompts(run, rcfg, r, "prefs", out)
+    policy = ModelConfig(**{**to_dict(rcfg.model), "path": policy_after(run, r - 1)})
+    collect(rcfg.prefs, policy, prompts, out, round_idx=r, verifier=get_task(rcfg.task.name).verifier, seed=rcfg.seed)
+
+
+def step_rm(run: Run, rcfg: RunConfig, r: int) -> None:
+    from rewards.model import train
+
+    out = run.dir.stage_dir(r, "rm")
+    data = preference_files(run, rcfg, r)
+    if not data and not rcfg.rm.get("data"):
+        return mark_skipped(run, out, "rm", "no preference data (no pairs collected, none given)")
+    configs = _stage_configs(rcfg, "rm", out, lambda d, v: rm_config(rcfg, d, data, v))
+    train_stage(run, "rm", out, configs, train, rcfg.rm.get("variant_weights"))
+
+
+def step_samples(run: Run, rcfg: RunConfig, r: int) -> None:
+    from rounds.rejection import run as sample
+
+    out = run.dir.stage_dir(r, "samples")
+    rm = latest_rm(run, r)
+    if rs_uses_run_rm(rcfg) and rm is None:
+        raise ValueError(f"rs.rewards: {{kind: rm}} scores with the latest reward model, but no round up to {r} "
+                         "trained one (the RM stage was off or had no preference data)")
+    prompts = write_prompts(run, rcfg, r, "rs", out)
+    sample(rs_config(rcfg, policy_after(run, r - 1), prompts, out, rm))
+
+
+def step_sft(run: Run, rcfg: RunConfig, r: int) -> None:
+    from posttrain.sft import train
+
+    out = run.dir.stage_dir(r, "sft")
+    data = sft_files(run, r)
+    if not data and not rcfg.sft.get("data"):
+        return mark_skipped(run, out, "sft", "no SFT data (no RS record kept, no sft.data)")
+    start = policy_after(run, r - 1) if rcfg.sft.get("continue_from_policy") else rcfg.model.path
+    configs = _stage_configs(rcfg, "sft", out, lambda d, v: sft_config(rcfg, start, d, data, v))
+    train_stage(run, "sft", out, configs, train, rcfg.sft.get("variant_weights"))
+
+
+def step_dpo(run: Run, rcfg: RunConfig, r: int) -> None:
+    from posttrain.dpo import train
+
+    out = run.dir.stage_dir(r, "dpo")
+    pairs = latest_pairs(run, rcfg, r)
+    if not pairs and not rcfg.dpo.get("data"):
+        return mark_skipped(run, out, "dpo", "no preference pairs this round")
+    start = stage_model(run, r, "sft") or policy_after(run, r - 1)
+    configs = _stage_configs(rcfg, "dpo", out, lambda d, v: dpo_config(rcfg, start, d, pairs, v))
+    train_stage(run, "dpo", out, configs, train, rcfg.dpo.get("variant_weights"))
+
+
+def step_average(run: Run, rcfg: RunConfig, r: int) -> None:
+    out = run.dir.stage_dir(r, "average")
+    members = [stage_model(run, r, m) for m in rcfg.average.members]
+    if any(m is None for m in members):
+        return mark_skipped(run, out, "average", f"a member of {rcfg.average.members} has no model this round")
+    run.main_then_wait(soup, "average", out, members, rcfg.average.weights, {"members": rcfg.average.members})
+
+
+def evaluate_policy(rcfg: RunConfig, policy: str, path: Path, device) -> None:
+    from posttrain.backbone import resolve_dtype
+    from posttrain.data import atomic_write_json
+    from posttrain.generate import load_policy
+    from rounds.evaluate import EvalConfig, evaluate
+
+    model, tokenizer = load_policy(policy, resolve_dtype(rcfg.model.dtype),
+                                   attn_implementation=rcfg.model.attn_implementation)
+    e = rcfg.eval
+    metrics = evaluate(model.to(device), tokenizer, EvalConfig(task=rcfg.task.name, num_prompts=rcfg.task.eval_prompts,
+                       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, system_prompt=e.system_prompt))
+    atomic_write_json(path, {**metrics, "policy": policy})
+    print(f"{path.parent.name}: held-out accuracy {metrics['accuracy']:.1%} on {metrics['num_prompts']} prompts")
+
+
+def step_eval(run: Run, rcfg: RunConfig, r: int) -> None:
+    run.main_then_wait(evaluate_policy, rcfg, policy_after(run, r), run.dir.eval_path(r), run.state.device)
+
+
+ROUND_STEPS = {"prefs": step_prefs, "rm": step_rm, "samples": step_samples, "sft": step_sft, "dpo": step_dpo,
+               "average": step_average, "eval": step_eval}
+
+
+def enabled(rcfg: RunConfig, r: int, stage: str) -> bool:
+    switches = {"prefs": rcfg.prefs.collects(r), "rm": rcfg.stages.rm, "samples": rcfg.stages.rs,
+                "sft": rcfg.stages.sft, "dpo": rcfg.stages.dpo, "average": bool(rcfg.average.members)}
+    return switches.get(stage, True)
+
+
+def finished(run: Run, r: int, stage: str) -> bool:
+    return run.dir.eval_path(r).is_file() if stage == "eval" else RunDir.is_done(run.dir.stage_dir(r, stage))
+
+
+def run(cfg: RunConfig, force: str = "") -> int:
+    """Run (or resume) every round, then write the report and print the per-round table. Returns the exit code."""
+    import torch
+    from accelerate import PartialState
+    from accelerate.utils import parse_flag_from_env
+
+    from rounds import report
+
+    # cpu=True lets processes started by torch.distributed.run on a host without CUDA join over gloo (as RS does).
+    state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
+    run_ = Run(cfg, RunDir(Path(cfg.runs_dir).resolve() / cfg.name), state)
+    forced = [s.strip() for s in force.split(",") if s.strip()]
+    try:
+        run_.dir.check(to_dict(cfg), forced)
+    except ValueError as e:
+        run_.say(f"posttrain run: {e}")
+        return 2
+    run_.main_then_wait(run_.dir.prepare, to_dict(cfg), forced)
+    try:
+        for r in range(cfg.rounds + 1):
+            rcfg = round_config(cfg, r) if r else cfg
+            for stage in (ROUND_STEPS if r else ["eval"]):
+                if not enabled(rcfg, r, stage):
+                    continue
+                if finished(run_, r, stage):
+                    run_.say(f"round {r:02d} {stage}: finished earlier, kept")
+                    continue
+                run_.say(f"round {r:02d} {stage}")
+                ROUND_STEPS[stage](run_, rcfg, r)
+    except LabelsNeeded as e:
+        run_.say(f"posttrain run: paused for labels: {e}")
+        return 3
+    if state.is_main_process:
+        rows = report.write_report(run_.dir.root)
+        print(report.format_table(rows))
+        print(f"report: {run_.dir.root / 'report.html'}")
+    state.wait_for_everyone()
+    return 0

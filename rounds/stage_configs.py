@@ -1,0 +1,129 @@
+"""From a run's partial stage settings to the stage configs: defaults, section, variant, then what the run fills in.
+
+A run config's `rm`, `rs`, `sft` and `dpo` sections hold partial settings of RMStageConfig, SampleStageConfig,
+SFTStageConfig and DPOStageConfig. Each stage config is built as: the run's defaults (model dtype, LoRA, seed) <-
+the section <- a variant's overrides <- what the run owns (models, data files, output dirs). Building them with
+placeholder paths at load time makes a bad key fail before anything runs, named from the run config's top
+(`rm.train.learning_rat: unknown key (did you mean rm.train.learning_rate?)`).
+"""
+
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+
+from posttrain.config import ConfigError, from_dict, to_dict
+
+PLACEHOLDER = "<filled in by the run>"  # what validation puts where the run fills in a path
+# keys of a stage section that steer the run and are not fields of the stage config
+RUN_KEYS = {"rm": ("variants", "variant_weights", "pairs_from"), "rs": (),
+            "sft": ("variants", "variant_weights", "continue_from_policy"),
+            "dpo": ("variants", "variant_weights", "pairs_from")}
+PAIR_SOURCES = ("rs", "prefs", "given")
+
+
+def deep_merge(base: dict, update: dict) -> dict:
+    """`base` with `update` laid over it: mappings merge key by key, anything else (lists too) is replaced."""
+    out = copy.deepcopy(base)
+    for key, value in update.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _rekey(message: str, key: str) -> str:
+    """'rm: train.x: unknown key (did you mean train.y?)' -> 'rm.train.x: unknown key (did you mean rm.train.y?)'."""
+    return f"{key}.{message.removeprefix(f'{key}: ')}".replace("did you mean ", f"did you mean {key}.")
+
+
+def build(cls: type, data: dict, key: str):
+    """`cls` from a mapping; a ConfigError names the key from the run config's top (`key.field`)."""
+    try:
+        return from_dict(cls, data, source=key)
+    except ConfigError as e:
+        raise ConfigError(_rekey(str(e), key)) from None
+
+
+def stage_settings(cfg, section: str, variant: dict | None = None) -> dict:
+    """The run's defaults (model, LoRA, seed), then the section's settings, then a variant's; run-only keys dropped."""
+    own = {k: v for k, v in getattr(cfg, section).items() if k not in RUN_KEYS[section]}
+    if section == "rs":
+        defaults = {"policy": to_dict(cfg.model), "seed": cfg.seed, "rewards": [{"kind": "rm"}]}
+    else:
+        defaults = {"model": to_dict(cfg.model), "lora": to_dict(cfg.lora), "train": {"seed": cfg.seed}}
+    return deep_merge(deep_merge(defaults, own), variant or {})
+
+
+def variants(cfg, section: str) -> list[dict]:
+    return list(getattr(cfg, section).get("variants") or [])
+
+
+def rm_config(cfg, out: Path, data: list[str], variant: dict | None = None):
+    """The RM from the run's base (or rm.model.path) on the given files plus `data`."""
+    from rewards.model import RMStageConfig
+
+    d = stage_settings(cfg, "rm", variant)
+    d["train"]["output_dir"] = str(out)
+    d["data"] = list(d.get("data") or []) + data
+    return build(RMStageConfig, d, "rm")
+
+
+def sft_config(cfg, model: str, out: Path, data: list[str], variant: dict | None = None):
+    from posttrain.sft import SFTStageConfig
+
+    d = stage_settings(cfg, "sft", variant)
+    d["model"]["path"], d["train"]["output_dir"] = model, str(out)
+    d["data"] = list(d.get("data") or []) + [{"path": p} for p in data]
+    return build(SFTStageConfig, d, "sft")
+
+
+def dpo_config(cfg, model: str, out: Path, data: list[str], variant: dict | None = None):
+    from posttrain.dpo import DPOStageConfig
+
+    d = stage_settings(cfg, "dpo", variant)
+    d["model"]["path"], d["train"]["output_dir"] = model, str(out)
+    d["data"] = list(d.get("data") or []) + [{"path": p} for p in data]
+    return build(DPOStageConfig, d, "dpo")
+
+
+def rs_config(cfg, policy: str, prompts: Path, out: Path, rm_path: str | None):
+    """RS from `policy`; a reward source {kind: rm} without a path scores with `rm_path` (the latest RM)."""
+    from rounds.rejection import SampleStageConfig
+
+    d = stage_settings(cfg, "rs")
+    d["policy"]["path"], d["prompts"], d["output_dir"] = policy, [str(prompts)], str(out)
+    for source in d.get("rewards") or []:
+        if isinstance(source, dict) and source.get("kind") == "rm" and not source.get("path"):
+            source["path"] = rm_path or ""
+    return build(SampleStageConfig, d, "rs")
+
+
+def rs_uses_run_rm(cfg) -> bool:
+    """Whether RS scores with the run's own reward model (a {kind: rm} source without a path)."""
+    rewards = stage_settings(cfg, "rs").get("rewards") or []
+    return any(isinstance(s, dict) and s.get("kind") == "rm" and not s.get("path") for s in rewards)
+
+
+def validate(cfg) -> None:
+    """Build every stage config (and variant) of a round's settings with placeholder paths."""
+    model, out, data = f"{PLACEHOLDER}/model", Path(PLACEHOLDER) / "out", [f"{PLACEHOLDER}/data.jsonl"]
+    builders = {"rm": lambda v: rm_config(cfg, out, data, v),
+                "sft": lambda v: sft_config(cfg, model, out, data, v),
+                "dpo": lambda v: dpo_config(cfg, model, out, data, v)}
+    for section, make in builders.items():
+        for variant in [None, *variants(cfg, section)]:
+            stage = make(variant)
+            if section != "rm" and stage.lora.enabled and not stage.lora.merge:
+                raise ConfigError(f"{section}.lora.merge: false saves an adapter, but the next stage loads this "
+                                  "stage's model as a checkpoint; keep merge: true in a run")
+        weights = getattr(cfg, section).get("variant_weights")
+        if weights is not None and len(weights) != len(variants(cfg, section)):
+            raise ConfigError(f"{section}.variant_weights: {len(weights)} weights for "
+                              f"{len(variants(cfg, section))} variants")
+    rs_config(cfg, model, Path(data[0]), out, f"{PLACEHOLDER}/rm")
+    for section in ("rm", "dpo"):
+        for source in getattr(cfg, section).get("pairs_from") or []:
+            if source not in PAIR_SOURCES:
+                raise ConfigError(f"{section}.pairs_from: {source!r} is not one of {', '.join(PAIR_SOURCES)}")
