@@ -79,13 +79,16 @@ class RunDir:
 
         A forced stage loses its DONE marker and output in round 1, and so do the stages after it (their inputs
         changed); every stage but eval shapes the policy that later rounds start from, so those rounds are redone
-        whole (forcing eval alone redoes every round's eval). `force=["all"]` redoes everything.
+        whole (forcing eval alone redoes every round's eval, the base's too). `force=["all"]` redoes everything.
         """
         self.check(resolved, force)
         if force:
             first = 0 if "all" in force else min(STAGES.index(s) for s in force)
             for round_dir in sorted(self.root.glob("round_*")):
-                later = int(round_dir.name.removeprefix("round_")) > 1 and STAGES[first] != "eval"
+                index = int(round_dir.name.removeprefix("round_"))
+                if index == 0 and STAGES[first] != "eval" and "all" not in force:
+                    continue  # round_00 holds the base model's eval, which no stage changes
+                later = index > 1 and STAGES[first] != "eval"
                 for stage in STAGES if later else STAGES[first:]:
                     shutil.rmtree(round_dir / stage, ignore_errors=True)
                 if "eval" in STAGES[first:]:

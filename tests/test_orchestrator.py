@@ -231,14 +231,19 @@ def test_changed_config_is_refused_and_force_redoes_the_named_stages(tiny_model_
             (root / f"round_{r:02d}" / stage).mkdir(parents=True)
             (root / f"round_{r:02d}" / stage / "DONE").write_text("")
         (root / f"round_{r:02d}" / "eval.json").write_text("{}")
+    (root / "round_00").mkdir()
+    (root / "round_00" / "eval.json").write_text("{}")
     changed = from_dict(RunConfig, {**config, "rs": {**config["rs"], "temperature": 0.6}})
     assert orchestrator.run(changed) == 2
     assert "changed: rs" in capsys.readouterr().out
     orchestrator.RunDir(root).check(to_dict(from_dict(RunConfig, {**config, "rounds": 3})), [])  # more rounds: fine
 
     orchestrator.RunDir(root).prepare(to_dict(changed), ["eval"])
+    assert not (root / "round_00" / "eval.json").exists()
     assert [sorted(p.name for p in (root / f"round_{r:02d}").iterdir()) for r in (1, 2)] == [sorted(STAGE_DIRS)] * 2
+    (root / "round_00" / "eval.json").write_text("{}")
     orchestrator.RunDir(root).prepare(to_dict(changed), ["samples"])
+    assert (root / "round_00" / "eval.json").is_file()  # the base model's eval stands
     # round 1 keeps what came before RS; round 2 sampled from round 1's policy, which changes: it is redone whole
     assert sorted(p.name for p in (root / "round_01").iterdir()) == ["prefs", "rm"]
     assert list((root / "round_02").iterdir()) == []
