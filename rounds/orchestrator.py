@@ -90,20 +90,22 @@ class RunConfig:
     seed: int = field(0, help="seed of prompt selection, sampling and training (a section may override)")
     task: TaskConfig = field(default_factory=TaskConfig, help="prompts per round and the held-out eval")
     prefs: PrefsConfig = field(default_factory=PrefsConfig, help="preference collection and given preference files")
-    stages: StagesConfig = field(default_factory=StagesConfig, help="stage on/off switches (per round: round_overrides)")
+    stages: StagesConfig = field(default_factory=StagesConfig, help="stage on/off switches (per round: "
+                                                                    "round_overrides)")
     rm: dict[str, Any] = field(default_factory=dict, help="RMStageConfig settings; pairs_from: rs, prefs and/or given "
                                                           "(default all); variants: [partial overrides] trains each "
                                                           "and averages them (variant_weights)")
     rs: dict[str, Any] = field(default_factory=dict, help="SampleStageConfig settings (k, temperature, rewards, ...); "
                                                           "rewards default [{kind: rm}] = this round's RM")
     sft: dict[str, Any] = field(default_factory=dict, help="SFTStageConfig settings; data: given SFT sources; "
-                                                           "continue_from_policy: start from the last policy, not the base")
+                                                           "continue_from_policy: start from the last policy, not "
+                                                           "the base")
     dpo: dict[str, Any] = field(default_factory=dict, help="DPOStageConfig settings; pairs_from: this round's rs, "
                                                            "prefs and/or given pairs (default all three)")
     average: AverageConfig = field(default_factory=AverageConfig, help="optional soup of the round's models")
     eval: EvalSettings = field(default_factory=EvalSettings, help="greedy held-out eval after every round")
-    round_overrides: dict[str, dict[str, Any]] = field(default_factory=dict, help="round -> partial settings for that "
-                                                                                  "round, e.g. {3: {rs: {temperature: 0.6}}}")
+    round_overrides: dict[str, dict[str, Any]] = field(
+        default_factory=dict, help="round -> partial settings for that round, e.g. {3: {rs: {temperature: 0.6}}}")
 
     def __post_init__(self):
         if not self.name:

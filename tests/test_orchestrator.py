@@ -99,7 +99,8 @@ def test_cli_writes_config_stage_dirs_evals_report_and_prints_the_table(referenc
     table = printed[printed.index("   round  eval acc"):].splitlines()
     base, one, two = table[2:5]
     assert base.split()[:3] == ["0", "(base)", f"{evals[0]['accuracy']:.1%}"]
-    assert one.split()[:2] == ["1", f"{evals[1]['accuracy']:.1%}"] and two.split()[:2] == ["2", f"{evals[2]['accuracy']:.1%}"]
+    assert one.split()[:2] == ["1", f"{evals[1]['accuracy']:.1%}"]
+    assert two.split()[:2] == ["2", f"{evals[2]['accuracy']:.1%}"]
     rs = json.loads((root / "round_02" / "samples" / "manifest.json").read_text())["metrics"]
     assert two.split()[6:8] == [str(rs["kept"]), str(rs["pairs"])]
 
@@ -115,7 +116,8 @@ def test_each_round_samples_from_the_last_policy_and_trains_sft_from_the_base(re
     assert manifest[2, "prefs"]["inputs"]["policy"] == str(root / "round_01" / "dpo" / "model")
     assert manifest[2, "samples"]["config"]["rewards"][0]["path"] == str(root / "round_02" / "rm")
     assert manifest[1, "sft"]["model"]["path"] == manifest[2, "sft"]["model"]["path"] == base
-    assert manifest[2, "dpo"]["inputs"]["model"] == manifest[2, "dpo"]["inputs"]["reference"] == str(root / "round_02" / "sft")
+    sft_2 = str(root / "round_02" / "sft")
+    assert manifest[2, "dpo"]["inputs"]["model"] == manifest[2, "dpo"]["inputs"]["reference"] == sft_2
     assert [i["path"] for i in manifest[2, "sft"]["inputs"]] == [str(root / "round_01" / "samples" / "sft.jsonl"),
                                                                str(root / "round_02" / "samples" / "sft.jsonl")]
 

@@ -25,7 +25,8 @@ BASE = {"name": "t", "model": {"path": "tiny"}}
 
 
 @pytest.mark.parametrize("change, message", [
-    ({"rm": {"train": {"learning_rat": 1e-4}}}, "rm.train.learning_rat: unknown key (did you mean rm.train.learning_rate?)"),
+    ({"rm": {"train": {"learning_rat": 1e-4}}},
+     "rm.train.learning_rat: unknown key (did you mean rm.train.learning_rate?)"),
     ({"tsk": {}}, "tsk: unknown key (did you mean task?)"),
     ({"rounds": "three"}, "rounds: expected int, got str 'three'"),
     ({"rs": {"temperature": "hot"}}, "rs.temperature: expected float, got str 'hot'"),

@@ -49,14 +49,17 @@ def test_rows_and_table_show_the_literal_numbers(tmp_path):
     assert rows[1] == {"round": 1, "accuracy": 0.8125, "mean_reward": 0.8125, "mean_length": 10.5, "prefs_pairs": 37,
                        "rm_accuracy": 0.75, "rs_kept": 60, "rs_pairs": 52, "rs_reward": 0.4321, "sft_loss": 0.4567,
                        "dpo_loss": 0.6543}
-    assert report.format_table(rows).splitlines() == [
-        "   round  eval acc  eval reward  eval len  pref pairs  RM acc  RS kept  RS pairs  RS reward  SFT loss  DPO loss",
-        "---------------------------------------------------------------------------------------------------------------",
-        "0 (base)     18.8%        0.188      41.0           -       -        -         -          -         -         -",
-        "       1     81.2%        0.812      10.5          37   75.0%       60        52      0.432    0.4567    0.6543",
-        "       2         -            -         -           -       -        -         -          -         -         -",
+    table = report.format_table(rows).splitlines()
+    assert [line.split() for line in table] == [
+        ["round", "eval", "acc", "eval", "reward", "eval", "len", "pref", "pairs", "RM", "acc", "RS", "kept", "RS",
+         "pairs", "RS", "reward", "SFT", "loss", "DPO", "loss"],
+        ["-" * 111],
+        ["0", "(base)", "18.8%", "0.188", "41.0", "-", "-", "-", "-", "-", "-", "-"],
+        ["1", "81.2%", "0.812", "10.5", "37", "75.0%", "60", "52", "0.432", "0.4567", "0.6543"],
+        ["2", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"],
     ]
-
+    assert table[3] == "       1     81.2%        0.812      10.5          37   75.0%       60        52      0.432" \
+                       "    0.4567    0.6543"  # right-aligned under the headers
 
 def test_report_files_embed_the_table_and_the_plot(tmp_path):
     root = fake_run(tmp_path)
