@@ -19,15 +19,13 @@ import json
 import os
 import random
 import shutil
-from importlib.metadata import version
 from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers.integrations import TensorBoardCallback
 from trl import DPOConfig, DPOTrainer
 
-from posttrain import accel
+from posttrain import accel, stage
 from posttrain.accel import AccelConfig
 from posttrain.compat import checkpointing_args
 from posttrain.backbone import apply_lora, load_model, load_tokenizer_for, merge_lora, resolve_dtype, save_model
@@ -223,9 +221,10 @@ class PairCollator:
         return batch
 
 
-class LlamaDPOTrainer(DPOTrainer):
+class LlamaDPOTrainer(stage.DeviceMetrics, DPOTrainer):
     """DPOTrainer with the recipe's loss: TRL's `sft` term is a token mean over the whole batch, ours a mean per
-    chosen sequence (Pang et al.), so `compute_loss` goes through `posttrain.losses.dpo_loss`."""
+    chosen sequence (Pang et al.), so `compute_loss` goes through `posttrain.losses.dpo_loss`. Its metrics are means
+    over the pairs of every micro-step and process, kept on the device until the trainer logs (posttrain.stage)."""
 
     def __init__(self, *args, nll_weight: float, **kwargs):
         self.nll_weight = nll_weight
@@ -244,9 +243,14 @@ class LlamaDPOTrainer(DPOTrainer):
             ref_chosen_logps, ref_rejected_logps = self.compute_ref_log_probs(ref, inputs)
         loss, metrics = dpo_loss(chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps, beta=self.beta,
                                  nll_weight=self.nll_weight, chosen_nll=-chosen_logps / chosen_tokens.clamp(min=1))
-        for key, value in metrics.items():
-            self._metrics[mode][key].append(self.accelerator.gather(value).mean().item())
+        self.defer(mode, pairs=len(chosen_logps), **{key: value.sum() for key, value in metrics.items()})
         return (loss, metrics) if return_outputs else loss
+
+    def summarize(self, mode: str, sums: dict[str, float]) -> None:
+        """dpo_loss's metrics are per pair: each is logged as its mean over the pairs since the last log."""
+        pairs = sums.pop("pairs")
+        for key, total in sums.items():
+            self._metrics[mode][key] = [total / pairs]
 
 
 def load_models(cfg: DPOStageConfig):
@@ -276,15 +280,6 @@ def _dataset(pairs: list[dict], cfg: DPOStageConfig, out: Path, state) -> Datase
     return Dataset.load_from_disk(str(path))
 
 
-def _tensorboard(cfg: DPOStageConfig, out: Path) -> list:
-    """TensorBoard writing to output_dir/logs (the stock callback picks its output_dir/runs/<date>)."""
-    if "tensorboard" not in cfg.train.report_to:
-        return []
-    callback = TensorBoardCallback()
-    callback.logging_dir = str(out / "logs")
-    return [callback]
-
-
 def _trainer_args(cfg: DPOStageConfig, out: Path) -> DPOConfig:
     """TRL's config from ours; making it sets up the (maybe distributed) process group, on CPU when there is no GPU."""
     t, dtype = cfg.train, resolve_dtype(cfg.model.dtype)
@@ -300,6 +295,7 @@ def _trainer_args(cfg: DPOStageConfig, out: Path) -> DPOConfig:
         beta=cfg.beta, loss_type=["sigmoid"], max_length=None, remove_unused_columns=False,
         precompute_ref_log_probs=cfg.precompute_ref_log_probs, dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # several CPU processes then form a gloo group, not one run each
+        **stage.TRAINER_KWARGS,
     )
 
 
@@ -313,7 +309,7 @@ def build_trainer(cfg: DPOStageConfig, pairs: list[dict], tokenizer, out: Path) 
         trainer = LlamaDPOTrainer(
             model=policy, ref_model=ref, args=args, train_dataset=_dataset(pairs, cfg, out, args.distributed_state),
             processing_class=tokenizer, data_collator=PairCollator(tokenizer.pad_token_id),
-            nll_weight=cfg.nll_weight, callbacks=_tensorboard(cfg, out),
+            nll_weight=cfg.nll_weight, callbacks=stage.tensorboard(cfg.train.report_to, out / "logs"),
         )
     if trainer.is_fsdp_enabled and cfg.lora.enabled:
         raise ConfigError("lora.enabled: LoRA runs under DDP (configs/accelerate/ddp.yaml); FSDP is for full "
@@ -325,12 +321,6 @@ def build_trainer(cfg: DPOStageConfig, pairs: list[dict], tokenizer, out: Path) 
     if cfg.precompute_ref_log_probs:
         trainer.ref_model = None  # scored already; free it
     return trainer
-
-
-def _last_checkpoint(directory: Path) -> str | None:
-    """The newest checkpoint the trainer finished writing (trainer_state.json is written last)."""
-    done = [p for p in directory.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
-    return str(max(done, key=lambda p: int(p.name.split("-")[-1]))) if done else None
 
 
 def _model_kind(cfg: DPOStageConfig) -> str:
@@ -358,11 +348,6 @@ def _save_model(trainer: LlamaDPOTrainer, cfg: DPOStageConfig, tokenizer, path: 
     if main:
         shutil.rmtree(path, ignore_errors=True)
         os.replace(tmp, path)
-
-
-def _versions() -> dict:
-    packages = ("posttrain", "torch", "transformers", "trl", "peft", "accelerate", "datasets")
-    return {pkg: version(pkg) for pkg in packages}
 
 
 def _final_metrics(trainer: LlamaDPOTrainer, cfg: DPOStageConfig, result) -> dict:
@@ -395,8 +380,8 @@ def train(cfg: DPOStageConfig) -> dict:
     tokenizer = load_tokenizer_for(cfg.model.path)
     pairs, inputs = build_pairs(cfg, tokenizer)  # bad data stops here, before anything is written
     trainer = build_trainer(cfg, pairs, tokenizer, out)
-    result = trainer.train(resume_from_checkpoint=_last_checkpoint(out / "checkpoints"))
-    if trainer._metrics["train"]:
+    result = trainer.train(resume_from_checkpoint=stage.last_checkpoint(out / "checkpoints"))
+    if trainer.pending("train"):
         trainer.log({})  # the steps since the last logging step, so the manifest and TensorBoard see the end
     manifest = {
         "stage": "dpo",
@@ -405,7 +390,7 @@ def train(cfg: DPOStageConfig) -> dict:
         "outputs": {"model": "model", "model_kind": _model_kind(cfg), "logs": "logs"},
         "metrics": {**_final_metrics(trainer, cfg, result), "pairs": len(pairs),
                     "world_size": trainer.accelerator.num_processes},
-        "versions": _versions(),
+        "versions": stage.versions(),
     }
     _save_model(trainer, cfg, tokenizer, out / "model")
     if trainer.accelerator.is_main_process:

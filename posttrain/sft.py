@@ -20,8 +20,9 @@ from pathlib import Path
 import torch
 from datasets import Dataset
 from transformers import TrainerCallback
+from trl import SFTTrainer
 
-from posttrain import accel, backbone, chat
+from posttrain import accel, backbone, chat, stage
 from posttrain.accel import AccelConfig
 from posttrain.compat import checkpointing_args
 from posttrain.config import (
@@ -184,6 +185,32 @@ class SessionMeter(TrainerCallback):
         self.tokens = state.num_input_tokens_seen - self.start_tokens
 
 
+class _SFTTrainer(stage.DeviceMetrics, SFTTrainer):
+    """TRL's SFTTrainer loss (the fused head's log-probs, a token mean over the accumulated batch), with its entropy,
+    token accuracy and token count kept on the device until the trainer logs (posttrain.stage)."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if self.model.training else "eval"
+        inputs["use_cache"] = False
+        outputs = model(**inputs, fused_lm_head=True)
+        num_tokens = outputs.label_mask.sum() if num_items_in_batch is None else num_items_in_batch
+        loss = -outputs.log_probs.sum() / torch.as_tensor(num_tokens).clamp(min=1)
+        if self.args.average_tokens_across_devices and num_items_in_batch is not None:
+            loss = loss * self.accelerator.num_processes  # num_items_in_batch counts every rank's tokens
+        self.defer(mode, valid=outputs.label_mask.sum(), entropy=outputs.entropy.detach().sum(),
+                   correct=outputs.is_top1.sum())
+        if mode == "train":
+            self.count_tokens((inputs["input_ids"] != self.processing_class.pad_token_id).sum())
+        return (loss, outputs) if return_outputs else loss
+
+    def summarize(self, mode: str, sums: dict[str, float]) -> None:
+        if sums["valid"] > 0:
+            self._metrics[mode]["entropy"] = [sums["entropy"] / sums["valid"]]
+            self._metrics[mode]["mean_token_accuracy"] = [sums["correct"] / sums["valid"]]
+        if mode == "train":
+            self._metrics[mode]["num_tokens"] = [self.state.num_input_tokens_seen]
+
+
 def _trainer_args(cfg: SFTStageConfig, has_eval: bool):
     """TRL's config from ours; making it sets up the (maybe distributed) process group, on CPU when there is no GPU."""
     from trl import SFTConfig
@@ -214,27 +241,15 @@ def _trainer_args(cfg: SFTStageConfig, has_eval: bool):
         fp16=dtype == torch.float16,
         max_length=None,  # rows are already cut and packed to train.max_length
         dataset_kwargs={"skip_prepare_dataset": True},  # the dataset is tokenized, labelled and packed here
-        include_num_input_tokens_seen="non_padding",
+        include_num_input_tokens_seen="no",  # counted on the device by _SFTTrainer
         disable_tqdm=False,
         use_cpu=not torch.cuda.is_available(),
         dataloader_pin_memory=torch.cuda.is_available(),
+        **stage.TRAINER_KWARGS,
     )
 
 
-def _tensorboard(cfg: SFTStageConfig) -> list:
-    """TensorBoard writing to output_dir/logs (the stock callback picks output_dir/runs/<date>)."""
-    if "tensorboard" not in cfg.train.report_to:
-        return []
-    from transformers.integrations import TensorBoardCallback
-
-    callback = TensorBoardCallback()
-    callback.logging_dir = str(Path(cfg.train.output_dir) / "logs")
-    return [callback]
-
-
 def _build_trainer(cfg: SFTStageConfig, args, tokenizer, train_rows: list[dict], eval_rows: list[dict], meter):
-    from trl import SFTTrainer
-
     dtype = backbone.resolve_dtype(cfg.model.dtype)
     model = backbone.load_model(cfg.model.path, dtype, attn_implementation=cfg.model.attn_implementation)
     if cfg.lora.enabled:
@@ -246,14 +261,14 @@ def _build_trainer(cfg: SFTStageConfig, args, tokenizer, train_rows: list[dict],
         train_ds = pack(train_ds, cfg.train.max_length)
         eval_ds = pack(eval_ds, cfg.train.max_length) if eval_ds is not None else None
     _choose_pad_token(tokenizer, train_rows)
-    trainer = SFTTrainer(
+    trainer = _SFTTrainer(
         model=model,
         args=args,
         data_collator=PackedCollator(tokenizer.pad_token_id),
         train_dataset=train_ds,
         eval_dataset=eval_ds,
         processing_class=tokenizer,
-        callbacks=[meter, *_tensorboard(cfg)],
+        callbacks=[meter, *stage.tensorboard(cfg.train.report_to, Path(cfg.train.output_dir) / "logs")],
     )
     if trainer.is_fsdp_enabled and cfg.lora.enabled:
         raise ConfigError("lora.enabled: LoRA runs under DDP (configs/accelerate/ddp.yaml); FSDP is for full weights")
@@ -284,12 +299,6 @@ def _prepare_output_dir(out: Path, resume: bool) -> None:
     if not resume:
         for old in out.glob("checkpoint-*"):
             shutil.rmtree(old)
-
-
-def _last_checkpoint(out: Path) -> str | None:
-    from transformers.trainer_utils import get_last_checkpoint
-
-    return get_last_checkpoint(str(out)) if out.is_dir() else None
 
 
 def _base_reference(path: str) -> str:
@@ -325,17 +334,6 @@ def _publish(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
-def _versions() -> dict:
-    import accelerate
-    import datasets
-    import peft
-    import transformers
-    import trl
-
-    return {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
-            "peft": peft.__version__, "accelerate": accelerate.__version__, "datasets": datasets.__version__}
-
-
 def _metrics(trainer, result, meter: SessionMeter, eval_metrics: dict) -> dict:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
@@ -362,7 +360,7 @@ def _manifest(cfg: SFTStageConfig, sources: list[dict], metrics: dict) -> dict:
     elif (model_path / "config.json").is_file():
         model["config_sha256"] = file_sha256(model_path / "config.json")
     return {"stage": "sft", "inputs": inputs, "model": model, "config": to_dict(cfg), "metrics": metrics,
-            "versions": _versions()}
+            "versions": stage.versions()}
 
 
 def train(cfg: SFTStageConfig) -> dict:
@@ -378,7 +376,7 @@ def train(cfg: SFTStageConfig) -> dict:
 
     meter = SessionMeter()
     trainer = _build_trainer(cfg, args, tokenizer, train_rows, eval_rows, meter)
-    checkpoint = _last_checkpoint(out) if cfg.resume else None
+    checkpoint = stage.last_checkpoint(out) if cfg.resume else None
     if checkpoint:
         log.info("sft: resuming from %s", checkpoint)
     result = trainer.train(resume_from_checkpoint=checkpoint)

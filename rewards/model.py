@@ -24,13 +24,12 @@ import torch
 import torch.nn.functional as F
 from datasets import Dataset
 from transformers import set_seed
-from transformers.integrations import TensorBoardCallback
-from transformers.trainer_utils import get_last_checkpoint
 from tqdm.auto import tqdm
 from trl import RewardConfig, RewardTrainer
 
-from posttrain import accel, backbone
+from posttrain import accel, backbone, stage
 from posttrain.chat import render
+from posttrain.compat import checkpointing_args
 from posttrain.config import (ConfigError, LoRAConfig, ModelConfig, TrainConfig, check_choice, check_range, field,
                               to_dict)
 from posttrain.tokenizer import load_tokenizer
@@ -168,8 +167,9 @@ def encode_records(records: list[dict], tokenizer, *, max_length: int, seed: int
     return examples, too_long
 
 
-class _RMTrainer(RewardTrainer):
-    """TRL's RewardTrainer with the recipe's loss over every implied pair, on our pre-rendered (maybe packed) rows."""
+class _RMTrainer(stage.DeviceMetrics, RewardTrainer):
+    """TRL's RewardTrainer with the recipe's loss over every implied pair, on our pre-rendered (maybe packed) rows.
+    Pairwise accuracy and margin are counted on the device and reduced when the trainer logs (posttrain.stage)."""
 
     def _prepare_dataset(self, dataset, *args, **kwargs):
         return dataset  # already rendered and length-filtered by encode_records
@@ -184,21 +184,15 @@ class _RMTrainer(RewardTrainer):
         loss = bt_loss(rewards[better], rewards[worse], num_records=len(inputs["num_responses"]))
         with torch.no_grad():
             diff = rewards[better] - rewards[worse]
-            # summed over processes (a duplicated last eval sample under DDP counts twice; negligible)
-            sums = self.accelerator.reduce(torch.stack([(diff > 0).sum().float(), diff.new_tensor(len(diff)),
-                                                        diff.sum()]), "sum").tolist()
-        for key, value in zip(("pairs_correct", "pairs", "margin_sum"), sums):
-            self._metrics[mode][key].append(value)
+            # over processes, a duplicated last eval sample under DDP counts twice (negligible)
+            self.defer(mode, pairs_correct=(diff > 0).sum(), pairs=len(diff), margin_sum=diff.sum())
         return (loss, {"rewards": rewards}) if return_outputs else loss
 
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        """Exact pairwise accuracy, mean margin and pair count since the last log, over all processes (for eval: the
-        whole held-out set)."""
-        metrics = self._metrics["train" if self.model.training else "eval"]
-        correct, pairs, margin = (sum(metrics.pop(k, [])) for k in ("pairs_correct", "pairs", "margin_sum"))
-        if pairs:
-            metrics.update(accuracy=[correct / pairs], margin=[margin / pairs], scored_pairs=[pairs])
-        super().log(logs, start_time)
+    def summarize(self, mode: str, sums: dict[str, float]) -> None:
+        """Exact pairwise accuracy, mean margin and pair count since the last log (for eval: the held-out set)."""
+        if sums["pairs"]:
+            self._metrics[mode].update(accuracy=[sums["pairs_correct"] / sums["pairs"]],
+                                       margin=[sums["margin_sum"] / sums["pairs"]], scored_pairs=[sums["pairs"]])
 
 
 def _load_base(cfg: RMStageConfig, pad_id: int):
@@ -222,23 +216,21 @@ def _trainer_args(cfg: RMStageConfig, out: Path) -> RewardConfig:
         learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler, warmup_steps=t.warmup_ratio,
         num_train_epochs=t.num_epochs, max_steps=t.max_steps, per_device_train_batch_size=t.batch_size,
         per_device_eval_batch_size=t.batch_size, gradient_accumulation_steps=t.grad_accum, seed=t.seed,
-        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm, activation_checkpointing=t.gradient_checkpointing,
+        weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
+        **checkpointing_args(RewardConfig, t.gradient_checkpointing, {}),
         logging_steps=t.logging_steps, save_strategy="steps" if t.save_steps > 0 else "no",
         save_steps=max(t.save_steps, 1), save_total_limit=2, eval_strategy="no", prediction_loss_only=True,
         bf16=dtype == torch.bfloat16, fp16=dtype == torch.float16, max_length=None,
         dataloader_pin_memory=torch.cuda.is_available(),
         use_cpu=not torch.cuda.is_available(),  # several CPU processes then form a gloo group, not one run each
         report_to=[r for r in t.report_to if r not in ("tensorboard", "none")] or "none",
+        **stage.TRAINER_KWARGS,
     )
 
 
 def _build_trainer(cfg: RMStageConfig, tokenizer, train_examples: list[dict], eval_examples: list[dict], out: Path):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
-    callbacks = []
-    if "tensorboard" in cfg.train.report_to:
-        tensorboard = TensorBoardCallback()
-        tensorboard.logging_dir = str(out / "logs")  # next to the model instead of checkpoints/runs/<date>
-        callbacks.append(tensorboard)
+    callbacks = stage.tensorboard(cfg.train.report_to, out / "logs")  # next to the model, not checkpoints/runs/<date>
     return _RMTrainer(
         model=_load_base(cfg, pad_id),
         args=_trainer_args(cfg, out),
@@ -290,18 +282,6 @@ def _publish(tmp: Path, out: Path) -> None:
     tmp.rmdir()
 
 
-def _versions() -> dict[str, str]:
-    from importlib.metadata import PackageNotFoundError, version
-
-    out = {}
-    for name in ("posttrain", "torch", "transformers", "trl", "peft", "accelerate", "datasets"):
-        try:
-            out[name] = version(name)
-        except PackageNotFoundError:
-            out[name] = "not installed"
-    return out
-
-
 def _prepare_data(cfg: RMStageConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Train and held-out examples, and the counts of records read, filtered and kept, and of pairs."""
     records, counts = load_preferences(cfg)
@@ -338,7 +318,7 @@ def train(cfg: RMStageConfig) -> dict:
         _clear_stale_outputs(out)
     state.wait_for_everyone()
     checkpoints = out / "checkpoints"
-    last_checkpoint = get_last_checkpoint(str(checkpoints)) if checkpoints.is_dir() else None
+    last_checkpoint = stage.last_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     # TRL's log adds the last logging window's accuracy and margin to the train metrics: name them as such
     train_metrics = {f"train_{k}" if k in ("accuracy", "margin", "scored_pairs") else k: v
@@ -353,7 +333,7 @@ def train(cfg: RMStageConfig) -> dict:
             _publish(tmp, out)
             manifest = {"stage": "rm", "format": fmt, "base_model": cfg.model.path,
                         "inputs": {str(path): file_sha256(path) for path in cfg.data},
-                        "config": to_dict(cfg), "metrics": metrics, "versions": _versions()}
+                        "config": to_dict(cfg), "metrics": metrics, "versions": stage.versions()}
             atomic_write_json(out / "manifest.json", manifest)
             shutil.rmtree(checkpoints, ignore_errors=True)  # only needed to resume an unfinished run
             atomic_write_text(out / "DONE", "")

@@ -61,6 +61,15 @@ def test_full_training_grows_the_margin_and_leaves_the_reference_frozen(tmp_path
     assert margins[0] == 0.0 and margins[-1] > margins[0]
 
 
+def test_logged_metrics_are_means_over_the_pairs(tmp_path, tiny_model_dir, llama3_tokenizer):
+    trainer, batch = _trainer(tmp_path, tiny_model_dir, llama3_tokenizer, train={"max_steps": 1})
+    trainer.train()  # one step on both pairs, logged: the metrics are those of the pairs before the update
+    logged = next(h for h in trainer.state.log_history if "rewards/accuracies" in h)
+    assert logged["rewards/accuracies"] == 0.0 and logged["rewards/margins"] == 0.0  # policy = reference at step 1
+    assert logged["loss/dpo"] == pytest.approx(0.6931, abs=1e-3)  # ln 2 per pair, not summed over the pairs
+    assert logged["loss"] == pytest.approx(logged["loss/dpo"] + 0.2 * logged["nll"], rel=1e-3)
+
+
 def test_lora_trains_only_the_adapters_against_the_disabled_base(tmp_path, tiny_model_dir, llama3_tokenizer):
     trainer, batch = _trainer(tmp_path, tiny_model_dir, llama3_tokenizer, train={"max_steps": 2})
     assert trainer.ref_model is None and list(trainer.model.peft_config) == ["default"]
