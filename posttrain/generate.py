@@ -29,6 +29,7 @@ from posttrain.tokenizer import load_tokenizer
 _MASK32 = 0xFFFFFFFF
 _GOLDEN32 = 0x9E3779B1  # odd constant that spreads consecutive counters over 32 bits
 STATIC_LENGTH_MULTIPLE = 64  # static caches round the prompt length up to this, so shapes repeat across batches
+STOP_CHECK_EVERY = 8  # on a GPU, steps between checks whether every row has stopped
 STOP_REASONS = ("eot", "eom", "eos", "length")
 
 
@@ -190,13 +191,16 @@ def _decode_batch(model, prompts: list[list[int]], keys: torch.Tensor, *, k: int
     tokens_out = torch.full((rows, max_new_tokens), pad_id, dtype=torch.long, device=logits.device)
     lengths = torch.full((rows,), max_new_tokens, dtype=torch.long, device=logits.device)
     done = torch.zeros(rows, dtype=torch.bool, device=logits.device)
+    # Reading `done` makes the host wait for the device; on a GPU that is done every few steps only, so the host
+    # queues steps ahead (a finished row only ever adds padding). On the CPU every extra step costs compute.
+    check_every = STOP_CHECK_EVERY if logits.device.type == "cuda" else 1
     for step in range(max_new_tokens):
         tokens = sample_tokens(logits, keys, step, temperature, top_p)
         tokens_out[:, step] = tokens.masked_fill(done, pad_id)
         stopped_now = torch.isin(tokens, stops) & ~done
-        lengths[stopped_now] = step + 1
+        lengths.masked_fill_(stopped_now, step + 1)
         done |= stopped_now
-        if step + 1 == max_new_tokens or bool(done.all()):
+        if step + 1 == max_new_tokens or ((step + 1) % check_every == 0 and bool(done.all())):
             break
         attention_mask[:, prompt_length + step] = 1
         mask = attention_mask if static else attention_mask[:, : prompt_length + step + 1]
