@@ -73,16 +73,21 @@ def run_variant(results: dict, workload: str, name: str, fn, deadline: float) ->
         torch.cuda.empty_cache()
 
 
-def plan(sizes: Sizes, workloads: list[str], tmp: Path, max_variants: int = 0) -> list[tuple]:
+def plan(sizes: Sizes, workloads: list[str], tmp: Path, max_variants: int = 0,
+         profile: Path | None = None) -> list[tuple]:
     """(workload, variant, thunk) in the order of `workloads`: stock first, then ours and the attribution variants
-    (the first `max_variants` of them all when set)."""
+    (the first `max_variants` of them all when set). With `profile`, "ours" (and SFT's stock) are also profiled."""
+    def traced(name: str) -> Path | None:
+        return profile / f"{name}.txt" if profile else None
+
     def ours(workload: str, table: dict, run) -> list[tuple]:
         chosen = table if sizes.attribution else {"ours": table["ours"]}
-        return [(workload, name, lambda kw=kw, i=i: run(tmp / f"{workload}-{i}", kw))
+        return [(workload, name, lambda kw=kw, i=i, name=name: run(
+                    tmp / f"{workload}-{i}", {**kw, "profile": traced(f"{workload}-ours")} if name == "ours" else kw))
                 for i, (name, kw) in enumerate(chosen.items())]
 
     steps = {
-        "sft": [("sft", "stock", lambda: sft_stock(sizes, tmp / "sft-stock"))]
+        "sft": [("sft", "stock", lambda: sft_stock(sizes, tmp / "sft-stock", traced("sft-stock")))]
         + ours("sft", SFT_VARIANTS, lambda out, kw: sft_ours(sizes, out, **kw)),
         "dpo": [("dpo", "stock", lambda: dpo_stock(sizes, tmp / "dpo-stock"))]
         + ours("dpo", DPO_VARIANTS, lambda out, kw: dpo_ours(sizes, out, **kw)),
@@ -92,7 +97,8 @@ def plan(sizes: Sizes, workloads: list[str], tmp: Path, max_variants: int = 0) -
         "rm": [("rm", "stock", lambda: rm_stock(sizes))]
         + ours("rm", RM_VARIANTS, lambda _, kw: rm_ours(sizes, **kw)),
         "check": [("check", "losses, levers off vs on", lambda: loss_check(sizes, tmp / "check"))],
-        "sft_ddp": [("sft_ddp", "ours", lambda: sft_ours(sizes, tmp / "sft-ddp", **SFT_VARIANTS["ours"]))],
+        "sft_ddp": [("sft_ddp", "ours", lambda: sft_ours(sizes, tmp / "sft-ddp", traced("sft_ddp-ours"),
+                                                          **SFT_VARIANTS["ours"]))],
     }
     chosen = []
     for item in workloads:  # "gen" or "gen:2" (its first two variants, stock included)
@@ -132,6 +138,7 @@ def main(argv=None) -> int:
     parser.add_argument("--budget-s", type=float, default=0, help="skip variants that would start after this")
     parser.add_argument("--max-variants", type=int, default=0, help="per workload, stock included (0 = all)")
     parser.add_argument("--dry", action="store_true", help="tiny sizes on CPU (checks the script, not the speed)")
+    parser.add_argument("--profile", metavar="DIR", help="also profile stock SFT and every 'ours'; summaries in DIR")
     parser.add_argument("--report", action="store_true", help="only regenerate --results from the JSONs in --out")
     parser.add_argument("--results", default=str(ROOT / "bench" / "RESULTS.md"), help="RESULTS.md to regenerate")
     args = parser.parse_args(argv)
@@ -151,7 +158,8 @@ def main(argv=None) -> int:
     deadline = time.perf_counter() + (args.budget_s or float("inf"))
     rank0 = int(os.environ.get("RANK", 0)) == 0
     with tempfile.TemporaryDirectory() as tmp:
-        for workload, variant, thunk in plan(sizes, workloads, Path(tmp), args.max_variants):
+        for workload, variant, thunk in plan(sizes, workloads, Path(tmp), args.max_variants,
+                                           Path(args.profile) if args.profile else None):
             run_variant(results["workloads"], workload, variant, thunk, deadline)
             if rank0:
                 (out / name).write_text(json.dumps(results, indent=1))

@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, TrainerCallback
 
+from bench.traces import ProfileSteps, profile_call
 from posttrain import accel, backbone, dpo, sft
 from posttrain.config import LoRAConfig, ModelConfig, TrainConfig
 from posttrain.tokenizer import PAD, load_tokenizer
@@ -150,9 +151,14 @@ class CountingCollator:
         return self.collate(rows)
 
 
-def train_timed(trainer, micro_per_step: int) -> dict:
+def train_timed(trainer, micro_per_step: int, profile: Path | None = None) -> dict:
+    """Step time (median), real tokens per step and peak memory of `trainer.train()`; with `profile`, steps 3-4 are
+    also profiled (the median over the later steps stays clear of them)."""
     timer, counter = StepTimer(), CountingCollator(trainer.data_collator)
     trainer.add_callback(timer)
+    profiler = ProfileSteps(profile) if profile else None
+    if profiler:
+        trainer.add_callback(profiler)
     trainer.data_collator = counter
     reset_peak()
     start = time.perf_counter()
@@ -160,9 +166,12 @@ def train_timed(trainer, micro_per_step: int) -> dict:
     step_s = timer.step_s()
     tokens_per_step = counter.tokens / counter.calls * micro_per_step
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
-    return {"step_s": round(step_s, 3), "tokens_per_step": round(tokens_per_step),
-            "tokens_per_s": round(tokens_per_step / step_s), "peak_gib": peak_gib(),
-            "first_step_s": round(timer.ends[0] - start, 1), "losses": [round(x, 4) for x in losses]}
+    figures = {"step_s": round(step_s, 3), "tokens_per_step": round(tokens_per_step),
+               "tokens_per_s": round(tokens_per_step / step_s), "peak_gib": peak_gib(),
+               "first_step_s": round(timer.ends[0] - start, 1), "losses": [round(x, 4) for x in losses]}
+    if profiler and profiler.figures:
+        figures["profile"] = profiler.figures
+    return figures
 
 
 def random_ids(rng: random.Random, n: int) -> list[int]:
@@ -181,7 +190,7 @@ def sft_rows(sizes: Sizes, seed: int = 0) -> list[dict]:
     return rows
 
 
-def sft_stock(sizes: Sizes, out: Path) -> dict:
+def sft_stock(sizes: Sizes, out: Path, profile: Path | None = None) -> dict:
     """TRL SFTTrainer with packing (bfd, padding-free) and gradient checkpointing, as stock_baseline.py."""
     from datasets import Dataset
     from peft import LoraConfig
@@ -197,7 +206,7 @@ def sft_stock(sizes: Sizes, out: Path) -> dict:
     trainer = SFTTrainer(model=make_model(sizes.model), args=args,
                          train_dataset=Dataset.from_dict({"input_ids": [r["input_ids"] for r in rows]}),
                          processing_class=copy.deepcopy(load_tokenizer()), peft_config=peft)
-    return train_timed(trainer, 1)
+    return train_timed(trainer, 1, profile)
 
 
 def sft_cfg(sizes: Sizes, out: Path, *, model: str, micro: int, ckpt: bool, attn: str, liger: bool,
@@ -212,7 +221,7 @@ def sft_cfg(sizes: Sizes, out: Path, *, model: str, micro: int, ckpt: bool, attn
                                                       checkpoint_every=ckpt_every))
 
 
-def sft_ours(sizes: Sizes, out: Path, **levers) -> dict:
+def sft_ours(sizes: Sizes, out: Path, profile: Path | None = None, **levers) -> dict:
     """The SFT stage's trainer (packed rows, posttrain.packing) with the given levers. Under `accelerate launch`
     each of the W processes takes rows/W rows per step, so the global batch stays `rows`."""
     world = int(os.environ.get("WORLD_SIZE", 1))
@@ -220,7 +229,7 @@ def sft_ours(sizes: Sizes, out: Path, **levers) -> dict:
                   max_length=sizes.max_length, **levers)
     with stage_model(make_model(sizes.model)):
         trainer = build_sft_trainer(cfg, sft_rows(sizes))
-    figures = train_timed(trainer, cfg.train.grad_accum)
+    figures = train_timed(trainer, cfg.train.grad_accum, profile if int(os.environ.get("RANK", 0)) == 0 else None)
     if world > 1:  # tokens were counted on this process only
         figures.update(tokens_per_step=figures["tokens_per_step"] * world, tokens_per_s=figures["tokens_per_s"] * world)
     return figures
@@ -289,7 +298,7 @@ def dpo_cfg(sizes: Sizes, out: Path, *, model: str, steps: int, micro: int, ckpt
                               accel=accel.AccelConfig(attn=attn, liger=liger, lean_lora=lean_lora))
 
 
-def dpo_ours(sizes: Sizes, out: Path, **levers) -> dict:
+def dpo_ours(sizes: Sizes, out: Path, profile: Path | None = None, **levers) -> dict:
     """The DPO stage's trainer (posttrain.losses: sigmoid + 0.2 NLL on chosen) with the given levers."""
     cfg = dpo_cfg(sizes, out, model=sizes.model, steps=sizes.dpo_steps, **levers)
     pairs = dpo_pairs(sizes, sizes.pairs * sizes.dpo_steps)
@@ -298,7 +307,7 @@ def dpo_ours(sizes: Sizes, out: Path, **levers) -> dict:
     with stage_model(make_model(sizes.model)):  # build_trainer scores the reference here when precomputing
         trainer = dpo.build_trainer(cfg, pairs, copy.deepcopy(load_tokenizer()), out)
     build_s = time.perf_counter() - start
-    figures = train_timed(trainer, cfg.train.grad_accum)
+    figures = train_timed(trainer, cfg.train.grad_accum, profile)
     step_s = figures["step_s"]
     figures.update(pairs_per_s=round(sizes.pairs / step_s, 2), build_s=round(build_s, 1),
                    pairs_per_s_with_ref_pass=round(len(pairs) / (len(pairs) / sizes.pairs * step_s + build_s), 2))
@@ -340,8 +349,9 @@ def gen_stock(sizes: Sizes) -> dict:
     return {"new_tokens": new, "s": round(seconds, 2), "tokens_per_s": round(new / seconds), "peak_gib": peak_gib()}
 
 
-def gen_ours(sizes: Sizes, **options) -> dict:
-    """posttrain.generate: K samples share their prompt's prefill; the first call warms up, the second is timed."""
+def gen_ours(sizes: Sizes, profile: Path | None = None, **options) -> dict:
+    """posttrain.generate: K samples share their prompt's prefill; the first call warms up, the second is timed
+    (with `profile`, a third call is profiled as `new_tokens` steps)."""
     from posttrain.generate import generate
 
     model, tok = make_model(sizes.model).eval(), load_tokenizer()
@@ -358,8 +368,12 @@ def gen_ours(sizes: Sizes, **options) -> dict:
     sync()
     seconds = time.perf_counter() - start
     new = sum(c.num_tokens for group in done for c in group)
-    return {"new_tokens": new, "s": round(seconds, 2), "tokens_per_s": round(new / seconds), "peak_gib": peak_gib(),
-            "warmup_s": round(warmup_s, 1)}
+    figures = {"new_tokens": new, "s": round(seconds, 2), "tokens_per_s": round(new / seconds),
+               "peak_gib": peak_gib(), "warmup_s": round(warmup_s, 1)}
+    if profile:
+        with profile_call(profile, sizes.new_tokens, figures):
+            generate(model, tok, prompts, seed=0, **kw)
+    return figures
 
 
 GEN_VARIANTS = {"ours": dict(cuda_graph=True), "ours, no CUDA graph (static cache, sdpa)": dict(cache="static")}
@@ -408,8 +422,9 @@ def rm_stock(sizes: Sizes, batch_size: int = 8) -> dict:
     return {"tokens": tokens, "s": round(seconds, 2), "tokens_per_s": round(tokens / seconds), "peak_gib": peak_gib()}
 
 
-def rm_ours(sizes: Sizes, *, batch_size: int, varlen: bool) -> dict:
-    """rewards.model.RewardModel.score (renders, sorts by length, scores); the timed call includes rendering."""
+def rm_ours(sizes: Sizes, *, batch_size: int, varlen: bool, profile: Path | None = None) -> dict:
+    """rewards.model.RewardModel.score (renders, sorts by length, scores); the timed call includes rendering (with
+    `profile`, a third call is profiled, one step per batch)."""
     from rewards.model import RewardModel
 
     rm = RewardModel(make_model(sizes.model, classifier=True), load_tokenizer(), device())  # varlen on CUDA
@@ -424,7 +439,12 @@ def rm_ours(sizes: Sizes, *, batch_size: int, varlen: bool) -> dict:
     sync()
     seconds = time.perf_counter() - start
     tokens = sum(len(rm.encode(p, c)) for p, c in zip(prompts, completions))
-    return {"tokens": tokens, "s": round(seconds, 2), "tokens_per_s": round(tokens / seconds), "peak_gib": peak_gib()}
+    figures = {"tokens": tokens, "s": round(seconds, 2), "tokens_per_s": round(tokens / seconds),
+               "peak_gib": peak_gib()}
+    if profile:
+        with profile_call(profile, -(-len(prompts) // batch_size), figures):
+            rm.score(prompts, completions, batch_size=batch_size)
+    return figures
 
 
 RM_VARIANTS = {"ours": dict(batch_size=16, varlen=True), "ours, sdpa": dict(batch_size=16, varlen=False)}

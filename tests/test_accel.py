@@ -207,8 +207,8 @@ def test_bench_dry_run_writes_json_results_and_a_ratio_table(tmp_path):
     results = tmp_path / "RESULTS.md"
     """Stock and ours of every workload at tiny sizes (the loss check runs the same stage code twice: left out)."""
     run = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--dry", "--workloads", "sft,dpo,gen,rm",
-                          "--out", str(tmp_path), "--results", str(results)], capture_output=True, text=True,
-                         timeout=900)
+                          "--out", str(tmp_path), "--results", str(results), "--profile", str(tmp_path / "prof")],
+                         capture_output=True, text=True, timeout=900)
     assert run.returncode == 0, run.stderr[-3000:]
     data = json.loads((tmp_path / "bench.json").read_text())
     assert data["card"] == "cpu" and data["dry"] is True
@@ -217,9 +217,38 @@ def test_bench_dry_run_writes_json_results_and_a_ratio_table(tmp_path):
         for name, figures in data["workloads"][workload].items():
             assert "error" not in figures, (workload, name, figures)
     assert data["workloads"]["sft"]["ours"]["tokens_per_step"] > 0
+    for workload in ("sft", "dpo", "gen", "rm"):  # profiled on the CPU: host ops only, no device figures
+        profile = data["workloads"][workload]["ours"]["profile"]
+        assert profile["gpu_busy_pct"] is None and profile["steps"] >= 1, (workload, profile)
+        assert "host ops, by total time" in (tmp_path / "prof" / f"{workload}-ours.txt").read_text()
+    assert "profile" in data["workloads"]["sft"]["stock"]
     table = run.stdout.strip().splitlines()
     assert table[-1].split()[:2] == ["rm", "ours"]  # the ratio table comes last
     assert "| sft | ours |" in results.read_text()
+
+
+def test_profile_summary_counts_busy_time_host_waits_and_top_kernels():
+    from bench.traces import summarize
+
+    def event(cat, name, ts, dur):
+        return {"ph": "X", "cat": cat, "name": name, "ts": ts, "dur": dur}
+
+    trace = {"traceEvents": [
+        event("kernel", "gemm", 0, 300_000), event("kernel", "gemm", 200_000, 200_000),  # overlap: 400 ms busy
+        event("gpu_memcpy", "Memcpy DtoH", 500_000, 100_000),
+        event("kernel", "ncclDevKernel_AllReduce", 700_000, 50_000),
+        event("cuda_runtime", "cudaStreamSynchronize", 450_000, 40_000),
+        event("cuda_runtime", "cudaStreamSynchronize", 650_000, 10_000),
+        event("cuda_runtime", "cudaLaunchKernel", 0, 5),
+        event("cpu_op", "aten::mm", 0, 1_000), {"ph": "i", "cat": "kernel", "name": "instant", "ts": 0},
+    ]}
+    figures, text = summarize(trace, wall_s=1.0, steps=2)
+    assert figures["gpu_busy_pct"] == 55.0  # 400 + 100 + 50 ms of 1 s
+    assert figures["host_syncs_per_step"] == 1.0 and figures["host_wait_ms_per_step"] == 25.0
+    assert figures["nccl_ms_per_step"] == 25.0 and figures["kernels_per_step"] == 2  # 3 kernels / 2 steps, rounded
+    first_kernel = text.split("device kernels")[1].splitlines()[1].split()
+    assert first_kernel[0] == "250.00" and first_kernel[-1] == "gemm"  # 500 ms of gemm over 2 steps
+    assert "2  cudaStreamSynchronize" in text
 
 
 # ---------------------------------------------------------------------------------------------------- GPU
