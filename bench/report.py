@@ -18,7 +18,7 @@ TITLES = {"sft": "LoRA SFT, lengths 128-2048 packed to 2048, 8 rows per step",
           "dpo": "LoRA DPO, prompt 256 + chosen/rejected 384, 4 pairs per step, sigmoid + 0.2 NLL",
           "gen": "Sampling, 32 prompts x K=8, 128-token prompts, 256 new tokens",
           "rm": "RM scoring, ~1k-token sequences (+-10%), forward only",
-          "sft_ddp": "SFT on 2 GPUs vs ours on 1, same global batch (ratio vs the 1-GPU 'ours' of a run in the dir)"}
+          "sft_ddp": "SFT on 2 GPUs vs 1, same global batch (ratio vs the same variant on 1 GPU in a run in the dir)"}
 HEADER = ["workload", "variant", "figure", "vs stock", "peak GiB", "target", "note"]
 CHECK = "losses, levers off vs on"
 
@@ -33,12 +33,13 @@ def load_runs(out: Path) -> list[dict]:
     return runs
 
 
-def _ddp_base(runs: list[dict], run: dict) -> float | None:
-    """The 1-GPU 'ours' SFT figure on the same card taken nearest in time to `run` (the same machine, in practice)."""
+def _ddp_base(runs: list[dict], run: dict, variant: str) -> float | None:
+    """The 1-GPU SFT figure of `variant` on the same card taken nearest in time to `run` (the same machine, in
+    practice)."""
     when = datetime.datetime.fromisoformat(run["date"]) if run.get("date") else None
     candidates = []
     for other in runs:
-        value = other["workloads"].get("sft", {}).get("ours", {}).get("tokens_per_s")
+        value = other["workloads"].get("sft", {}).get(variant, {}).get("tokens_per_s")
         if other.get("card") == run.get("card") and other.get("world_size", 1) == 1 and value:
             gap = abs(datetime.datetime.fromisoformat(other["date"]) - when) if when and other.get("date") else None
             candidates.append((gap if gap is not None else datetime.timedelta.max, value))
@@ -46,12 +47,12 @@ def _ddp_base(runs: list[dict], run: dict) -> float | None:
 
 
 def rows(run: dict, runs: list[dict] = ()) -> list[dict]:
-    """One row per variant: figure, ratio to stock (sft_ddp: to 1-GPU ours), peak memory, whether the target is met."""
+    """One row per variant: figure, ratio to stock (sft_ddp: to the variant on 1 GPU), peak memory, target met."""
     out = []
     for workload, (key, unit, (kind, target)) in FIGURES.items():
         variants = run.get("workloads", {}).get(workload, {})
-        base = variants.get("stock", {}).get(key) if workload != "sft_ddp" else _ddp_base(runs, run)
         for name, figures in variants.items():
+            base = variants.get("stock", {}).get(key) if workload != "sft_ddp" else _ddp_base(runs, run, name)
             value = figures.get(key)
             ratio = value / base if value and base else None
             met = None

@@ -97,8 +97,9 @@ def plan(sizes: Sizes, workloads: list[str], tmp: Path, max_variants: int = 0,
         "rm": [("rm", "stock", lambda: rm_stock(sizes))]
         + ours("rm", RM_VARIANTS, lambda _, kw: rm_ours(sizes, **kw)),
         "check": [("check", "losses, levers off vs on", lambda: loss_check(sizes, tmp / "check"))],
-        "sft_ddp": [("sft_ddp", "ours", lambda: sft_ours(sizes, tmp / "sft-ddp", traced("sft_ddp-ours"),
-                                                          **SFT_VARIANTS["ours"]))],
+        "sft_ddp": [("sft_ddp", name, lambda kw=kw, i=i, name=name: sft_ours(
+                        sizes, tmp / f"sft-ddp-{i}", traced("sft_ddp-ours") if name == "ours" else None, **kw))
+                    for i, (name, kw) in enumerate(SFT_VARIANTS.items())],
     }
     chosen = []
     for item in workloads:  # "gen" or "gen:2" (its first two variants, stock included)
