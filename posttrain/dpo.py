@@ -282,6 +282,7 @@ def _dataset(pairs: list[dict], cfg: DPOStageConfig, out: Path, state) -> Datase
 
 def _trainer_args(cfg: DPOStageConfig, out: Path) -> DPOConfig:
     """TRL's config from ours; making it sets up the (maybe distributed) process group, on CPU when there is no GPU."""
+    stage.check_devices()
     t, dtype = cfg.train, resolve_dtype(cfg.model.dtype)
     return DPOConfig(
         output_dir=str(out / "checkpoints"), learning_rate=t.learning_rate, lr_scheduler_type=t.lr_scheduler,

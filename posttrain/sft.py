@@ -213,6 +213,7 @@ class _SFTTrainer(stage.DeviceMetrics, SFTTrainer):
 
 def _trainer_args(cfg: SFTStageConfig, has_eval: bool):
     """TRL's config from ours; making it sets up the (maybe distributed) process group, on CPU when there is no GPU."""
+    stage.check_devices()
     from trl import SFTConfig
 
     t, dtype = cfg.train, backbone.resolve_dtype(cfg.model.dtype)

@@ -8,16 +8,30 @@ on the device instead and reduces them over processes in one collective when the
 
 from __future__ import annotations
 
+import os
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
 import torch
+
+from posttrain.config import ConfigError
 
 # Passed to every stage's TRL config. find_unused_parameters=False: every trainable parameter (LoRA matrices, a score
 # head, or all weights) gets a gradient in every micro-step, so DDP need not walk the autograd graph each backward
 # (the transformers default walks it whenever activation checkpointing is off). No NaN filter: it reads each
 # micro-step's loss on the host; a NaN loss is logged as NaN.
 TRAINER_KWARGS = {"ddp_find_unused_parameters": False, "logging_nan_inf_filter": False}
+
+
+def check_devices() -> None:
+    """Refuse a single (not launched) process that sees several GPUs: the trainer would wrap the model in
+    torch.nn.DataParallel, which the stages do not support."""
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1 or not torch.cuda.is_available():
+        return
+    count = torch.cuda.device_count()
+    if count > 1:
+        raise ConfigError(f"{count} GPUs are visible to one process: use them all with `accelerate launch --config_file "
+                          "configs/accelerate/ddp.yaml -m posttrain ...`, or one with CUDA_VISIBLE_DEVICES=0")
 
 
 class DeviceMetrics:

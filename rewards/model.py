@@ -209,6 +209,7 @@ def _load_base(cfg: RMStageConfig, pad_id: int):
 
 
 def _trainer_args(cfg: RMStageConfig, out: Path) -> RewardConfig:
+    stage.check_devices()
     t = cfg.train
     dtype = backbone.resolve_dtype(cfg.model.dtype)
     return RewardConfig(
