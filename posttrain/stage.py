@@ -45,7 +45,8 @@ class DeviceMetrics:
     def defer(self, mode: str, **sums) -> None:
         pending = self.__dict__.setdefault("_device_sums", {}).setdefault(mode, {})
         for key, value in sums.items():
-            value = torch.as_tensor(value, device=self.args.device).detach().float().sum()  # a 0-d sum
+            # a 0-d float64 sum: exact for token counts far beyond float32's 2^24
+            value = torch.as_tensor(value, device=self.args.device).detach().double().sum()
             pending[key] = pending[key] + value if key in pending else value
 
     def pending(self, mode: str) -> bool:

@@ -44,11 +44,12 @@ def test_deferred_sums_add_up_per_mode_and_are_gone_once_reduced():
     metrics.defer("train", loss=torch.tensor(3.0), pairs=1)
     metrics.defer("eval", loss=torch.tensor(5.0))
     metrics.count_tokens(torch.tensor(7))
+    metrics.count_tokens(torch.tensor(2**24 + 1))  # beyond float32's exact integers
     assert metrics.pending("train") and metrics.pending("eval")
     assert metrics._reduce("train") == {"loss": 6.0, "pairs": 3.0}
     assert not metrics.pending("train") and metrics._reduce("train") == {}
     metrics._update_token_count()
-    assert metrics.state.num_input_tokens_seen == 17
+    assert metrics.state.num_input_tokens_seen == 10 + 7 + 2**24 + 1
     assert metrics._reduce("eval") == {"loss": 5.0}
 
 
