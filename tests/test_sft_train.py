@@ -3,6 +3,7 @@ step count, the CLI writes a complete stage dir."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from pathlib import Path
 
@@ -50,6 +51,22 @@ def test_full_finetune_loss_falls(tiny_model_dir, data_path, tmp_path):
     assert metrics["first_loss"] > 10.0  # ln(128256) = 11.76 at random init
     assert metrics["final_loss"] < metrics["first_loss"] - 2.0
     assert metrics["tokens_trained"] > 0 and metrics["tokens_per_s"] > 0
+
+
+def test_token_count_and_logged_metrics_cover_every_trained_token(tiny_model_dir, tmp_path):
+    records = [{"messages": [{"role": "user", "content": "add" + " please" * i},
+                             {"role": "assistant", "content": str(i)}]} for i in range(8)]  # 8 lengths: padding
+    data = tmp_path / "varied.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in records))
+    cfg = make_cfg(tiny_model_dir, data, tmp_path / "out", num_epochs=1, save_steps=1, batch_size=2)
+    cfg = dataclasses.replace(cfg, packing=False)
+    (stats,) = sft.render_sources(cfg, backbone.load_tokenizer_for(str(tiny_model_dir)))[2]
+    metrics = sft.train(cfg)
+    assert metrics["tokens_trained"] == stats["train_tokens"]  # every real token once, no padding
+    state = json.loads((tmp_path / "out" / f"checkpoint-{metrics['steps']}" / "trainer_state.json").read_text())
+    logged = [e for e in state["log_history"] if "loss" in e]
+    assert len(logged) == metrics["steps"] and logged[-1]["num_tokens"] == stats["train_tokens"]
+    assert all(0.0 <= e["mean_token_accuracy"] <= 1.0 and e["entropy"] > 0 for e in logged)
 
 
 def test_lora_changes_only_adapter_weights(tiny_model_dir, data_path, tmp_path, monkeypatch):
