@@ -325,16 +325,6 @@ def _save_model(trainer, cfg: SFTStageConfig, tokenizer, tmp: Path) -> None:
     backbone.save_model(model, tmp, format="hf", tokenizer=tokenizer)
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    """Move the finished model files from the temp dir into the output dir."""
-    for entry in tmp.iterdir():
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        entry.replace(target)
-    tmp.rmdir()
-
-
 def _metrics(trainer, result, meter: SessionMeter, eval_metrics: dict) -> dict:
     losses = [entry["loss"] for entry in trainer.state.log_history if "loss" in entry]
     metrics = {
@@ -389,7 +379,7 @@ def train(cfg: SFTStageConfig) -> dict:
         _save_model(trainer, cfg, tokenizer, tmp)
         state.wait_for_everyone()
         if state.is_main_process:
-            _publish(tmp, out)
+            stage.publish(tmp, out)
             atomic_write_json(out / "manifest.json", _manifest(cfg, sources, metrics))
             atomic_write_text(out / "DONE", "")
     finally:

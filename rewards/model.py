@@ -277,12 +277,6 @@ def _save_rm(trainer, cfg: RMStageConfig, tokenizer, tmp: Path) -> str:
     return "merged" if cfg.lora.enabled else "full"
 
 
-def _publish(tmp: Path, out: Path) -> None:
-    for entry in tmp.iterdir():
-        entry.replace(out / entry.name)
-    tmp.rmdir()
-
-
 def _prepare_data(cfg: RMStageConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, int]]:
     """Train and held-out examples, and the counts of records read, filtered and kept, and of pairs."""
     records, counts = load_preferences(cfg)
@@ -331,7 +325,7 @@ def train(cfg: RMStageConfig) -> dict:
         fmt = _save_rm(trainer, cfg, tokenizer, tmp)
         state.wait_for_everyone()
         if state.is_main_process:
-            _publish(tmp, out)
+            stage.publish(tmp, out)
             manifest = {"stage": "rm", "format": fmt, "base_model": cfg.model.path,
                         "inputs": {str(path): file_sha256(path) for path in cfg.data},
                         "config": to_dict(cfg), "metrics": metrics, "versions": stage.versions()}
