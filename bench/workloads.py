@@ -328,9 +328,20 @@ DPO_VARIANTS = {  # "ours": checkpointing at 4 pairs per micro-step ran faster a
 
 
 def gen_prompts(sizes: Sizes, n: int, seed: int = 2) -> list[list[dict]]:
-    """User messages whose rendered prompt is about `prompt_tokens` long (the header adds ~10 tokens)."""
+    """User messages whose rendered prompt is exactly `prompt_tokens` long, as stock's prompts are: the same cache."""
+    from posttrain import chat
+
     rng, tok = random.Random(seed), load_tokenizer()
-    return [[{"role": "user", "content": tok.decode(random_ids(rng, sizes.prompt_tokens - 10))}] for _ in range(n)]
+    prompts = []
+    while len(prompts) < n:
+        ids = random_ids(rng, sizes.prompt_tokens)
+        for words in range(len(ids), 0, -1):  # decoded ids can re-encode longer: the longest prefix that fits ...
+            messages = [{"role": "user", "content": tok.decode(ids[:words])}]
+            if (length := len(chat.render(messages, tok, add_generation_prompt=True).ids)) <= sizes.prompt_tokens:
+                break
+        if length == sizes.prompt_tokens:  # ... kept only if it fits exactly
+            prompts.append(messages)
+    return prompts
 
 
 def gen_stock(sizes: Sizes) -> dict:

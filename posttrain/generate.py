@@ -7,7 +7,7 @@ token until each has emitted a stop id (Llama 3: end_of_text, eom, eot) or `max_
 Each draw uses one uniform number hashed from (prompt seed, sample index, step) (inverse-CDF sampling), so a sample
 does not depend on which other prompts share its batch, and the same seed gives the same samples.
 `decode_step` is the one function a GPU fast path compiles: `compile=True` on CUDA uses a static KV cache (prompt
-length rounded up to a multiple of 64 to bound recompiles) and wraps the step in `torch.compile` (CUDA graphs).
+length rounded up to a multiple of 16 to bound recompiles) and wraps the step in `torch.compile` (CUDA graphs).
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ _GOLDEN32 = 0x9E3779B1  # odd constant that spreads consecutive counters over 32
 # max_new_tokens) a multiple of 16 too: on an H200 the decode attention ran 65% slower at a cache of 391 than at 400.
 STATIC_LENGTH_MULTIPLE = 16
 STOP_CHECK_EVERY = 8  # on a GPU, steps between checks whether every row has stopped
+SAMPLE_ELEMENTS = 1 << 23  # rows x vocab sampled together: bounds the float32 probs and float64 CDF of one draw
 STOP_REASONS = ("eot", "eom", "eos", "length")
 
 
@@ -128,16 +129,23 @@ def sample_tokens(logits: torch.Tensor, keys: torch.Tensor, step: int, temperatu
     """[N] next tokens from logits [N, V]: argmax when temperature == 0, else inverse-CDF over the top-p nucleus.
 
     One uniform per row (not per token) keeps the cost at a softmax and a cumsum, and a row's draw independent of the
-    rest of the batch.
+    rest of the batch. Rows are drawn in chunks of SAMPLE_ELEMENTS // V, so the buffers stay small at any batch size.
     """
     if temperature == 0:
         return logits.argmax(-1)
+    rows = max(1, SAMPLE_ELEMENTS // logits.shape[-1])
+    return torch.cat([_draw(logits[i:i + rows], keys[i:i + rows], step, temperature, top_p)
+                      for i in range(0, logits.shape[0], rows)])
+
+
+def _draw(logits: torch.Tensor, keys: torch.Tensor, step: int, temperature: float, top_p: float) -> torch.Tensor:
     probs = (logits / temperature).softmax(-1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(dim=-1, descending=True, stable=True)
         outside = (sorted_probs.cumsum(-1) - sorted_probs) >= top_p  # the mass before this token already reaches top_p
         probs = probs.masked_fill(torch.zeros_like(outside).scatter(-1, order, outside), 0.0)
     cdf = probs.to(torch.float64).cumsum(-1)  # [N, V]; float64 so the tail of a 128k vocab keeps its mass
+    del probs
     targets = uniforms(keys, step)[:, None] * cdf[:, -1:]
     return torch.searchsorted(cdf, targets).squeeze(-1).clamp(max=logits.shape[-1] - 1)
 
@@ -167,6 +175,7 @@ def share_prefill(state: Prefilled, k: int, max_new_tokens: int, *, static: bool
         cache = StaticCache(config=config, max_cache_len=length + max_new_tokens)
         for static_layer, layer in zip(cache.layers, state.cache.layers):
             static_layer.update(layer.keys.repeat_interleave(k, 0), layer.values.repeat_interleave(k, 0))
+            layer.keys = layer.values = None  # free the prompt copy layer by layer: the two never peak together
     else:
         cache = state.cache
         cache.batch_repeat_interleave(k)

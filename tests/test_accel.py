@@ -204,8 +204,8 @@ def test_config_validates_and_apply_changes_nothing_without_cuda(models, monkeyp
 
 @pytest.mark.slow
 def test_bench_dry_run_writes_json_results_and_a_ratio_table(tmp_path):
-    results = tmp_path / "RESULTS.md"
     """Stock and ours of every workload at tiny sizes (the loss check runs the same stage code twice: left out)."""
+    results = tmp_path / "RESULTS.md"
     run = subprocess.run([sys.executable, str(REPO / "bench" / "run.py"), "--dry", "--workloads", "sft,dpo,gen,rm",
                           "--out", str(tmp_path), "--results", str(results), "--profile", str(tmp_path / "prof")],
                          capture_output=True, text=True, timeout=900)
@@ -225,6 +225,17 @@ def test_bench_dry_run_writes_json_results_and_a_ratio_table(tmp_path):
     table = run.stdout.strip().splitlines()
     assert table[-1].split()[:2] == ["rm", "ours"]  # the ratio table comes last
     assert "| sft | ours |" in results.read_text()
+
+
+def test_bench_sampling_prompts_render_to_the_length_of_stocks_prompts():
+    """Stock samples from `prompt_tokens` ids; ours renders chat prompts: the same length, so the same KV cache."""
+    from bench.workloads import Sizes, gen_prompts, load_tokenizer
+    from posttrain import chat
+
+    tok = load_tokenizer()
+    prompts = gen_prompts(Sizes(prompt_tokens=48), 6)
+    assert [len(chat.render(p, tok, add_generation_prompt=True).ids) for p in prompts] == [48] * 6
+    assert len({p[0]["content"] for p in prompts}) == 6
 
 
 def test_profile_summary_counts_busy_time_host_waits_and_top_kernels():

@@ -49,6 +49,17 @@ def test_sampling_follows_softmax_with_temperature_and_top_p():
     assert G.sample_tokens(logits[:3], keys[:3], 0, 0.0, 1.0).tolist() == [0, 0, 0]
 
 
+@pytest.mark.parametrize("top_p", [1.0, 0.8])
+def test_a_row_draws_the_same_token_whatever_rows_share_its_chunk(monkeypatch, top_p):
+    logits = torch.randn(7, 50, generator=torch.Generator().manual_seed(0)) * 3
+    keys = G.row_keys(list(range(7)), 1, torch.device("cpu"))
+    alone = torch.cat([G.sample_tokens(logits[i:i + 1], keys[i:i + 1], 4, 0.8, top_p) for i in range(7)])
+    assert G.sample_tokens(logits, keys, 4, 0.8, top_p).tolist() == alone.tolist()  # one chunk of 7 rows
+    monkeypatch.setattr(G, "SAMPLE_ELEMENTS", 100)  # chunks of 2 rows, the last one short
+    assert G.sample_tokens(logits, keys, 4, 0.8, top_p).tolist() == alone.tolist()
+    assert len(set(alone.tolist())) > 1
+
+
 def test_random_draws_depend_only_on_key_and_step():
     keys = G.row_keys([7, 8, 9], 2, torch.device("cpu"))
     alone = G.row_keys([8], 2, torch.device("cpu"))
@@ -78,6 +89,8 @@ def test_shared_prefill_equals_a_full_forward_per_sample(tiny, static):
             second = model(torch.tensor([prompt + [int(new_tokens[row])]])).logits[0, -1]
             torch.testing.assert_close(step_logits[row], second, atol=1e-5, rtol=1e-5)
     assert lengths.tolist() == [len(prompts[0])] * k + [len(prompts[1])] * k
+    if static:  # the prompt's own cache is released once the static cache holds its copies
+        assert all(layer.keys is None and layer.values is None for layer in state.cache.layers)
 
 
 @pytest.mark.parametrize("cache", ["dynamic", "static"])
