@@ -5,7 +5,7 @@ Round r (DESIGN.md "One round"), every step a stage dir under `runs/<name>/round
   rm       a reward model from the BASE on all preference data so far: given + collected + earlier RS pairs
   samples  rejection sampling from the policy of round r-1, scored by this round's RM and/or verifiers
   sft      from the base (or, with sft.continue_from_policy, the policy of round r-1) on all RS best-of-K so far
-           plus the given SFT data
+           (or, with sft.recent_rounds, of the last rounds) plus the given SFT data
   dpo      from this round's SFT model (also the reference) on this round's pairs only
   average  optional soup of this round's SFT and DPO models
   eval     greedy, held-out -> round_NN/eval.json; the round's policy samples in round r+1
@@ -99,7 +99,8 @@ class RunConfig:
                                                           "rewards default [{kind: rm}] = this round's RM")
     sft: dict[str, Any] = field(default_factory=dict, help="SFTStageConfig settings; data: given SFT sources; "
                                                            "continue_from_policy: start from the last policy, not "
-                                                           "the base")
+                                                           "the base; recent_rounds: N = RS data of the last N "
+                                                           "rounds only (default every round)")
     dpo: dict[str, Any] = field(default_factory=dict, help="DPOStageConfig settings; pairs_from: this round's rs, "
                                                            "prefs and/or given pairs (default all three)")
     average: AverageConfig = field(default_factory=AverageConfig, help="optional soup of the round's models")
@@ -253,8 +254,10 @@ def latest_pairs(run: Run, rcfg: RunConfig, r: int) -> list[str]:
     return files
 
 
-def sft_files(run: Run, r: int) -> list[str]:
-    return [str(p) for r_ in range(1, r + 1) if _nonempty(p := run.dir.stage_dir(r_, "samples") / "sft.jsonl")]
+def sft_files(run: Run, r: int, recent_rounds: int | None = None) -> list[str]:
+    """The RS best-of-K files of rounds 1..r, or of the last `recent_rounds` of them."""
+    first = max(1, r - recent_rounds + 1) if recent_rounds else 1
+    return [str(p) for r_ in range(first, r + 1) if _nonempty(p := run.dir.stage_dir(r_, "samples") / "sft.jsonl")]
 
 
 def round_prompts(cfg: RunConfig, r: int, kind: str) -> list[dict]:
@@ -366,7 +369,7 @@ def step_sft(run: Run, rcfg: RunConfig, r: int) -> None:
     from posttrain.sft import train
 
     out = run.dir.stage_dir(r, "sft")
-    data = sft_files(run, r)
+    data = sft_files(run, r, rcfg.sft.get("recent_rounds"))
     if not data and not rcfg.sft.get("data"):
         return mark_skipped(run, out, "sft", "no SFT data (no RS record kept, no sft.data)")
     start = policy_after(run, r - 1) if rcfg.sft.get("continue_from_policy") else rcfg.model.path

@@ -17,7 +17,7 @@ from posttrain.config import ConfigError, from_dict, to_dict
 PLACEHOLDER = "<filled in by the run>"  # what validation puts where the run fills in a path
 # keys of a stage section that steer the run and are not fields of the stage config
 RUN_KEYS = {"rm": ("variants", "variant_weights", "pairs_from"), "rs": (),
-            "sft": ("variants", "variant_weights", "continue_from_policy"),
+            "sft": ("variants", "variant_weights", "continue_from_policy", "recent_rounds"),
             "dpo": ("variants", "variant_weights", "pairs_from")}
 PAIR_SOURCES = ("rs", "prefs", "given")
 
@@ -123,6 +123,12 @@ def validate(cfg) -> None:
             raise ConfigError(f"{section}.variant_weights: {len(weights)} weights for "
                               f"{len(variants(cfg, section))} variants")
     rs_config(cfg, model, Path(data[0]), out, f"{PLACEHOLDER}/rm")
+    switch = cfg.sft.get("continue_from_policy")
+    if switch is not None and not isinstance(switch, bool):
+        raise ConfigError(f"sft.continue_from_policy: expected true or false, got {type(switch).__name__} {switch!r}")
+    recent = cfg.sft.get("recent_rounds")
+    if recent is not None and (isinstance(recent, bool) or not isinstance(recent, int) or recent < 1):
+        raise ConfigError(f"sft.recent_rounds: {recent!r}; give a whole number of rounds >= 1 (null: every round)")
     for section in ("rm", "dpo"):
         for source in getattr(cfg, section).get("pairs_from") or []:
             if source not in PAIR_SOURCES:

@@ -43,6 +43,8 @@ BASE = {"name": "t", "model": {"path": "tiny"}}
     ({"prefs": {"rounds": []}}, "prefs.rounds: round 1 trains a reward model but has no preference data"),
     ({"dpo": {"pairs_from": ["human"]}}, "dpo.pairs_from: 'human' is not one of rs, prefs, given"),
     ({"prefs": {"labeler": "human"}}, "prefs.labels: labeler human needs a labels file template with {round}"),
+    ({"sft": {"recent_rounds": 0}}, "sft.recent_rounds: 0; give a whole number of rounds >= 1"),
+    ({"sft": {"continue_from_policy": "yes"}}, "sft.continue_from_policy: expected true or false, got str 'yes'"),
 ])
 def test_config_errors_fail_at_load_naming_the_key(change, message, tmp_path):
     path = tmp_path / "run.yaml"
@@ -208,3 +210,21 @@ def test_round_policy_and_the_data_each_stage_reads_come_from_the_run_dir(tmp_pa
     assert orchestrator.latest_pairs(run, cfg, 2) == [str(r2 / "prefs" / "pairs.jsonl")]
     assert orchestrator.sft_files(run, 2) == [str(r1 / "samples" / "sft.jsonl")]
     assert rm_config(cfg, r2 / "rm", orchestrator.preference_files(run, cfg, 2)).data[0] == "h.jsonl"
+
+
+def test_sft_can_continue_from_the_last_policy_on_the_latest_rounds_picks(tmp_path, monkeypatch):
+    r1, r2 = tmp_path / "round_01", tmp_path / "round_02"
+    _done(r1 / "dpo" / "model")
+    for r in (r1, r2):
+        (r / "samples").mkdir(parents=True)
+        (r / "samples" / "sft.jsonl").write_text("{}\n")
+    trained = []
+    monkeypatch.setattr("posttrain.sft.train", trained.append)
+    for sft in ({}, {"continue_from_policy": True, "recent_rounds": 1}):
+        cfg = from_dict(RunConfig, {**BASE, "rounds": 2, "sft": sft})
+        orchestrator.step_sft(orchestrator.Run(cfg, RunDir(tmp_path), PartialState()), cfg, 2)
+    recipe, latest = trained
+    assert recipe.model.path == "tiny"  # the recipe: from the base on every round's picks
+    assert [d.path for d in recipe.data] == [str(r / "samples" / "sft.jsonl") for r in (r1, r2)]
+    assert latest.model.path == str(r1 / "dpo" / "model")
+    assert [d.path for d in latest.data] == [str(r2 / "samples" / "sft.jsonl")]
