@@ -19,7 +19,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaForSequenceClassification, TrainerCallback
 
 from bench.traces import ProfileSteps, profile_call
-from posttrain import accel, backbone, dpo, sft
+from posttrain import accel, backbone, chat, dpo, sft
 from posttrain.config import LoRAConfig, ModelConfig, TrainConfig
 from posttrain.tokenizer import PAD, load_tokenizer
 
@@ -210,15 +210,14 @@ def sft_stock(sizes: Sizes, out: Path, profile: Path | None = None) -> dict:
 
 
 def sft_cfg(sizes: Sizes, out: Path, *, model: str, micro: int, ckpt: bool, attn: str, liger: bool,
-            steps: int, rows: int, max_length: int, lean_lora: bool = True, ckpt_every: int = 1) -> sft.SFTStageConfig:
+            steps: int, rows: int, max_length: int, lean_lora: bool = True) -> sft.SFTStageConfig:
     micro = min(micro, rows)
     train = TrainConfig(output_dir=str(out), learning_rate=1e-4, lr_scheduler="constant", warmup_ratio=0.0,
                         max_steps=steps, batch_size=micro, grad_accum=rows // micro, max_length=max_length,
                         gradient_checkpointing=ckpt, logging_steps=1, report_to=["none"])
     return sft.SFTStageConfig(model=ModelConfig(path=model), lora=LORA, train=train,
                               data=[sft.DataSourceConfig(path="<bench>")],
-                              accel=accel.AccelConfig(attn=attn, liger=liger, lean_lora=lean_lora,
-                                                      checkpoint_every=ckpt_every))
+                              accel=accel.AccelConfig(attn=attn, liger=liger, lean_lora=lean_lora))
 
 
 def sft_ours(sizes: Sizes, out: Path, profile: Path | None = None, **levers) -> dict:
@@ -329,8 +328,6 @@ DPO_VARIANTS = {  # "ours": checkpointing at 4 pairs per micro-step ran faster a
 
 def gen_prompts(sizes: Sizes, n: int, seed: int = 2) -> list[list[dict]]:
     """User messages whose rendered prompt is exactly `prompt_tokens` long, as stock's prompts are: the same cache."""
-    from posttrain import chat
-
     rng, tok = random.Random(seed), load_tokenizer()
     prompts = []
     while len(prompts) < n:
