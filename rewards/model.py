@@ -2,7 +2,7 @@
 
 `train(cfg)` = `posttrain rm CONFIG.yaml`: read the preference files (a bad record fails with file:line before
 anything is written) -> drop unclear preferences (`margin` below `min_margin`, a label outside `keep_labels`) ->
-seeded train / held-out split by record -> render prompt + each response with `posttrain.chat.render` -> TRL's
+seeded train / held-out split by prompt -> render prompt + each response with `posttrain.chat.render` -> TRL's
 RewardTrainer with the recipe's loss over every implied pair (rows optionally packed, see rewards/packing.py) ->
 held-out pairwise accuracy -> the RM dir: model + score head (merged, or base + LoRA adapter), tokenizer,
 manifest.json, logs/ (TensorBoard), DONE written last.
@@ -60,7 +60,8 @@ class RMStageConfig:
         "field are kept; [] keeps every label",
     )
     pack_responses: bool = field(False, help="prompt + its responses (shuffled) in one row: the prompt encoded once")
-    eval_fraction: float = field(0.1, help="share of records held out for pairwise accuracy (seeded split); 0 = none")
+    eval_fraction: float = field(0.1, help="share of prompts whose records are held out for pairwise accuracy "
+                                           "(seeded); 0 = none")
 
     def __post_init__(self):
         if not self.model.path:
@@ -132,14 +133,18 @@ def load_preferences(cfg: RMStageConfig) -> tuple[list[dict], dict[str, int]]:
 
 
 def split_records(records: list[dict], eval_fraction: float, seed: int) -> tuple[list[dict], list[dict]]:
-    """Seeded split by record (a 3-way record's pairs stay on one side): (train, held out)."""
-    order = list(range(len(records)))
-    random.Random(seed).shuffle(order)
-    n_eval = max(1, round(len(records) * eval_fraction)) if eval_fraction > 0 else 0
-    if len(records) - n_eval < 1:
-        raise ValueError(f"data: {len(records)} usable preference records; need at least {n_eval + 1}")
-    held = set(order[:n_eval])
-    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+    """Seeded split by prompt: (train, held out). Every record of one prompt (same messages and tools) falls on one
+    side, so held-out accuracy never counts a prompt the RM trained on, however many rounds' pairs repeat it."""
+    from posttrain.keys import prompt_key, seeded_rank
+
+    keys = [prompt_key(r.get("prompt"), r.get("tools")) for r in records]
+    prompts = sorted(set(keys), key=lambda k: seeded_rank(k, seed))
+    n_eval = max(1, round(len(prompts) * eval_fraction)) if eval_fraction > 0 else 0
+    if len(prompts) - n_eval < 1:
+        raise ValueError(f"data: {len(records)} usable preference records over {len(prompts)} distinct prompts; "
+                         f"holding out {n_eval} prompt(s) needs at least {n_eval + 1}")
+    held = set(prompts[:n_eval])
+    return [r for r, k in zip(records, keys) if k not in held], [r for r, k in zip(records, keys) if k in held]
 
 
 def encode_record(record: dict, tokenizer) -> dict:

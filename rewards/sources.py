@@ -3,6 +3,11 @@
 Each source scores every (prompt record, completion message); its raw score is kept under `scores[name]`, and the
 reward is the weighted sum of the sources' scores, each optionally normalised over the K samples of its prompt
 (z-score or min-max) so that an RM logit and a 0/1 verifier can share one scale.
+
+A source can also be a gate: a sample passes it when the source's raw score is at least `pass_score`, and only
+samples that pass every gate are eligible for SFT (rounds/rejection.py). Verifiers are gates unless told otherwise,
+so that a task with a verifier never trains on an answer that fails it; a reward model gates only when asked.
+Every source sees the prompt's tool definitions: the RM renders the dialog with them, verifiers read them from meta.
 """
 
 from __future__ import annotations
@@ -31,7 +36,12 @@ class RewardSourceConfig:
     name: str = field("", help="key of this source in each sample's scores (default: kind)")
     normalize: str = field("none", help="before weighting, over the K samples of a prompt: none, zscore or minmax")
     batch_size: int = field(8, help="sequences per reward-model forward (kind rm only)")
-    options: dict[str, Any] = field(default_factory=dict, help="verifier options; a prompt's meta overrides them, except the sandbox limits")
+    options: dict[str, Any] = field(default_factory=dict, help="verifier options; a prompt's meta overrides them, "
+                                                               "except the sandbox limits")
+    gate: bool | None = field(None, help="only samples whose raw score here is >= pass_score may be kept for SFT "
+                                         "(null: true for a verifier, false for an rm)")
+    pass_score: float = field(1.0, help="the raw score that passes this source (a gate's threshold; also what the "
+                                        "stage counts as passing in its metrics)")
 
     def __post_init__(self):
         kinds = (RM_KIND, *verifier_names())
@@ -43,6 +53,11 @@ class RewardSourceConfig:
         if self.kind == RM_KIND and not self.path:
             raise ConfigError("path: missing; a reward source of kind rm needs the reward model dir")
         self.name = self.name or self.kind
+        if self.gate is None:
+            self.gate = self.kind != RM_KIND
+
+    def passes(self, score: float) -> bool:
+        return score >= self.pass_score
 
 
 def normalize(scores: list[float], how: str) -> list[float]:
@@ -94,12 +109,17 @@ class RewardComposer:
 
     def _raw_scores(self, source: RewardSourceConfig, records: list[dict], messages: list[dict]) -> list[float]:
         if source.kind == RM_KIND:
-            prompts = [r["messages"] for r in records]
-            return [float(s) for s in self._reward_model(source).score(prompts, messages, batch_size=source.batch_size)]
+            prompts, tools = [r["messages"] for r in records], [r.get("tools") for r in records]
+            scores = self._reward_model(source).score(prompts, messages, batch_size=source.batch_size, tools=tools)
+            return [float(s) for s in scores]
         from rewards.verifiable import VERIFIERS
 
         verify = VERIFIERS[source.kind]
         return [float(verify(m, _verifier_meta(source, r))) for r, m in zip(records, messages)]
+
+    def gates(self) -> dict[str, float]:
+        """The gate sources: name -> the raw score that passes."""
+        return {s.name: s.pass_score for s in self.sources if s.gate}
 
     def score(self, records: list[dict], groups: list[list[dict]]) -> list[list[dict]]:
         """For prompt records and their groups of completion messages: `{"reward", "scores"}` per completion."""

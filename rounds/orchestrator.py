@@ -40,6 +40,8 @@ class TaskConfig:
     eval_prompts: int = field(128, help="held-out prompts scored after every round (128 or more for a usable estimate)")
     prompt_files: list[str] = field(default_factory=list, help="prompt record files to take RS and preference "
                                                                 "prompts from, instead of the task's train split")
+    retry_rejected: int = field(0, help="later rounds in which an RS prompt with no accepted sample is tried again, "
+                                        "on top of that round's fresh prompts (0: never)")
 
     def __post_init__(self):
         from rounds.tasks import TASKS
@@ -49,6 +51,7 @@ class TaskConfig:
         check_range("rs_prompts", self.rs_prompts, low=1)
         check_range("pref_prompts", self.pref_prompts, low=1)
         check_range("eval_prompts", self.eval_prompts, low=1)
+        check_range("retry_rejected", self.retry_rejected, low=0)
 
 
 @dataclasses.dataclass
@@ -278,11 +281,36 @@ def round_prompts(cfg: RunConfig, r: int, kind: str) -> list[dict]:
     return records[offset:offset + n]
 
 
+def retried_prompts(run: Run, cfg: RunConfig, r: int) -> list[dict]:
+    """RS prompts of round r-1 that no sample passed, unless they have already been tried task.retry_rejected times
+    after their first round (each round that rejects a prompt counts one try)."""
+    from posttrain.data import read_records
+
+    def rejected_ids(r_: int) -> set[str]:
+        path = run.dir.stage_dir(r_, "samples") / "rejected.jsonl"
+        return {p["id"] for p in read_records(path, "prompt")} if r_ >= 1 and _nonempty(path) else set()
+
+    path = run.dir.stage_dir(r - 1, "samples") / "rejected.jsonl"
+    if cfg.task.retry_rejected < 1 or r < 2 or not _nonempty(path):
+        return []
+    earlier = [rejected_ids(r_) for r_ in range(r - 2, 0, -1)]  # round r-2 first
+
+    def retries_so_far(pid: str) -> int:  # consecutive rounds before r-1 that rejected it too
+        return next((i for i, ids in enumerate(earlier) if pid not in ids), len(earlier))
+
+    return [p for p in read_records(path, "prompt") if retries_so_far(p["id"]) < cfg.task.retry_rejected]
+
+
 def write_prompts(run: Run, rcfg: RunConfig, r: int, kind: str, out: Path) -> Path:
     from posttrain.data import write_jsonl
 
     path = out / "prompts.jsonl"
-    run.main_then_wait(write_jsonl, path, round_prompts(rcfg, r, kind))
+    prompts = round_prompts(rcfg, r, kind)
+    if kind == "rs" and (retried := retried_prompts(run, rcfg, r)):
+        run.say(f"round {r:02d} samples: {len(retried)} prompts without an accepted sample in round {r - 1} are "
+                "tried again")
+        prompts = retried + prompts
+    run.main_then_wait(write_jsonl, path, prompts)
     return path
 
 
@@ -332,11 +360,28 @@ def _stage_configs(rcfg: RunConfig, section: str, out: Path, build) -> list:
     return [build(out / "variants" / f"v{i}", v) for i, v in enumerate(variants(rcfg, section))] or [build(out, None)]
 
 
+def prefs_unused(cfg: RunConfig, r: int) -> str:
+    """Why round r's collected pairs would feed nothing ('' when some stage reads them): DPO reads them in round r
+    only, a reward model in round r or any later one (rm.pairs_from and dpo.pairs_from name the sources)."""
+    def reads(rcfg: RunConfig, section: str) -> bool:
+        return "prefs" in (getattr(rcfg, section).get("pairs_from") or PAIR_SOURCES)
+
+    this = round_config(cfg, r)
+    if this.stages.dpo and reads(this, "dpo"):
+        return ""
+    if any((rc := round_config(cfg, r_)).stages.rm and reads(rc, "rm") for r_ in range(r, cfg.rounds + 1)):
+        return ""
+    return (f"no stage reads its pairs (DPO in round {r} and every reward model from round {r} on are off or leave "
+            "prefs out of pairs_from)")
+
+
 def step_prefs(run: Run, rcfg: RunConfig, r: int) -> None:
     from rounds.collect import collect
     from rounds.tasks import get_task
 
     out = run.dir.stage_dir(r, "prefs")
+    if reason := prefs_unused(run.cfg, r):
+        return mark_skipped(run, out, "prefs", reason)
     prompts = write_prompts(run, rcfg, r, "prefs", out)
     policy = ModelConfig(**{**to_dict(rcfg.model), "path": policy_after(run, r - 1)})
     collect(rcfg.prefs, policy, prompts, out, round_idx=r, verifier=get_task(rcfg.task.name).verifier, seed=rcfg.seed)

@@ -1,12 +1,18 @@
-"""The rejection-sampling (RS) stage: K samples per prompt, scored; the best -> SFT data, best vs worst -> pairs.
+"""The rejection-sampling (RS) stage: K samples per prompt, scored; the accepted best -> SFT data, pairs for DPO/RM.
 
 `posttrain sample CONFIG.yaml` writes into `output_dir`:
 ```
-samples/shard-00000.jsonl   Samples records (DESIGN.md), one per prompt, written atomically shard by shard
-sft.jsonl                   the best sample of each prompt as an SFT record (source "rs", reward)
-pairs.jsonl                 (best, worst) preference pairs whose reward gap is at least min_margin
-manifest.json, DONE         summary; DONE last
+samples/shard-00000.jsonl   Samples records (docs/rejection-sampling.md), one per prompt, written shard by shard
+sft.jsonl                   the best accepted sample(s) of each prompt as SFT records (source "rs", reward)
+pairs.jsonl                 preference pairs: an accepted sample against a rejected one, or best vs worst by reward
+rejected.jsonl              the prompt records for which no sample was accepted (a run may retry them later)
+manifest.json, DONE         counts and pass rates (metrics); DONE last
 ```
+Rejection comes first: a sample is eligible for SFT only if it finished (not cut at max_new_tokens, unless
+keep_truncated), passes every gate source (a verifier, by default) and reaches min_reward; the reward then ranks the
+eligible ones. A prompt with no eligible sample gives no SFT record. With top_fraction < 1 only that share of the
+accepted prompts, ranked by their best reward, is kept (the recipe's quality filter for RM-only scoring).
+
 A rerun skips shards already on disk (same prompts, same policy), so a killed stage resumes without losing or
 duplicating a prompt. Under `accelerate launch` process r samples shards r, r + world, ...; after a barrier process 0
 merges every shard in shard order, so the outputs do not depend on the number of processes. Each prompt's sampling
@@ -18,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import time
 from collections import Counter
 from pathlib import Path
@@ -25,7 +32,7 @@ from pathlib import Path
 from posttrain.config import ConfigError, ModelConfig, check_choice, check_range, field, to_dict
 from posttrain.data import RecordError, atomic_write_json, file_sha256, iter_raw, read_records, write_jsonl
 from posttrain.tools import CUSTOM_FORMATS
-from rewards.sources import RewardComposer, RewardSourceConfig
+from rewards.sources import RM_KIND, RewardComposer, RewardSourceConfig
 from rounds.state import RunDir
 
 
@@ -42,7 +49,13 @@ class SampleStageConfig:
     seed: int = field(0, help="sampling seed; each prompt's stream comes from (seed, prompt id)")
     batch_size: int = field(64, help="sequences decoded together (batch_size // k prompts per prefill)")
     rewards: list[RewardSourceConfig] = field(default_factory=list, help="reward sources, summed with their weights")
-    min_margin: float = field(0.0, help="smallest reward gap (best - worst) of a preference pair; ties never make one")
+    min_margin: float = field(0.0, help="smallest reward gap of a pair ranked by reward alone (both samples "
+                                        "accepted, or neither); ties never make one")
+    min_reward: float | None = field(None, help="an eligible sample's summed reward is at least this (null: no "
+                                                "minimum)")
+    top_fraction: float = field(1.0, help="keep the SFT records of this share of the accepted prompts, those with "
+                                          "the highest best reward (1: all)")
+    max_per_prompt: int = field(1, help="SFT records per prompt at most: its distinct accepted samples, best first")
     system_prompts: dict[str, str] = field(default_factory=dict,
                                            help="capability tag (a prompt's meta.tag) -> steering system prompt")
     keep_system_prompt: bool = field(False, help="keep the steering prompt in SFT and pair records (False: train "
@@ -73,6 +86,9 @@ class SampleStageConfig:
         check_range("max_new_tokens", self.max_new_tokens, low=1)
         check_range("batch_size", self.batch_size, low=1)
         check_range("min_margin", self.min_margin, low=0.0)
+        check_range("max_per_prompt", self.max_per_prompt, low=1)
+        if not 0 < self.top_fraction <= 1:
+            raise ConfigError(f"top_fraction: {self.top_fraction} is outside (0, 1]")
         check_range("shard_size", self.shard_size, low=1)
         check_choice("tool_format", self.tool_format, CUSTOM_FORMATS)
 
@@ -138,89 +154,197 @@ def _sample_shard(cfg: SampleStageConfig, model, tokenizer, composer: RewardComp
 
 def _usable(completion: dict) -> bool:
     message = completion["message"]
-    return bool(message.get("content", "").strip() or message.get("tool_calls"))
+    return bool((message.get("content") or "").strip() or message.get("tool_calls"))
 
 
-def select(completions: list[dict], *, min_margin: float, keep_truncated: bool) -> tuple[dict | None, dict | None]:
-    """(best, worst) of one prompt's scored samples; worst is None when no pair clears the margin.
+def _text(completion: dict) -> str:
+    """What tells two samples apart: the content, or the tool calls."""
+    message = completion["message"]
+    calls = message.get("tool_calls")
+    return (message.get("content") or "").strip() + (json.dumps(calls, sort_keys=True) if calls else "")
 
-    Best: the highest reward among non-empty samples (not cut at max_new_tokens unless keep_truncated), first on ties.
-    Worst: the lowest reward among non-empty samples; a pair needs best - worst >= min_margin and > 0.
+
+@dataclasses.dataclass(frozen=True)
+class Acceptance:
+    """Which samples may become SFT data: finished, passing every gate, at least min_reward."""
+
+    gates: dict[str, float]  # source name -> the raw score that passes it
+    min_reward: float | None = None
+    keep_truncated: bool = False
+
+    def passes(self, completion: dict) -> bool:
+        """Passes the gates and the reward minimum (finished or not)."""
+        scores = completion.get("scores") or {}
+        gated = all(scores.get(name, float("-inf")) >= low for name, low in self.gates.items())
+        return gated and (self.min_reward is None or completion["reward"] >= self.min_reward)
+
+    def eligible(self, completion: dict) -> bool:
+        finished = self.keep_truncated or completion["stop_reason"] != "length"
+        return _usable(completion) and finished and self.passes(completion)
+
+
+def select(completions: list[dict], acceptance: Acceptance, *, min_margin: float, max_per_prompt: int = 1
+           ) -> tuple[list[dict], dict | None]:
+    """(kept, rejected) of one prompt's scored samples.
+
+    kept: up to max_per_prompt distinct eligible samples, highest reward first (the first on ties); [] when none is
+    eligible. rejected: the pair's other side, or None. When some non-empty sample fails the gates or min_reward,
+    the lowest-reward one of those (acceptance is the label, so no margin applies); otherwise the lowest-reward
+    non-empty sample, if the best's reward beats it by more than 0 and by at least min_margin.
     """
+    ranked = sorted((c for c in completions if acceptance.eligible(c)), key=lambda c: -c["reward"])
+    kept, seen = [], set()
+    for c in ranked:
+        if _text(c) not in seen and len(kept) < max_per_prompt:
+            kept.append(c)
+            seen.add(_text(c))
+    if not kept:
+        return [], None
     usable = [c for c in completions if _usable(c)]
-    candidates = [c for c in usable if keep_truncated or c["stop_reason"] != "length"]
-    if not candidates:
-        return None, None
-    best = max(candidates, key=lambda c: c["reward"])
+    failed = [c for c in usable if not acceptance.passes(c)]
+    if failed:
+        return kept, min(failed, key=lambda c: c["reward"])
     worst = min(usable, key=lambda c: c["reward"])
-    gap = best["reward"] - worst["reward"]
-    return best, (worst if gap > 0 and gap >= min_margin else None)
+    gap = kept[0]["reward"] - worst["reward"]
+    return kept, (worst if gap > 0 and gap >= min_margin else None)
 
 
-def _records_for(cfg: SampleStageConfig, prompt: dict, sample: dict) -> tuple[dict | None, dict | None]:
-    """The SFT record and the preference record (either may be None) that one prompt's samples give."""
-    best, worst = select(sample["completions"], min_margin=cfg.min_margin, keep_truncated=cfg.keep_truncated)
-    if best is None:
-        return None, None
+def _records_for(cfg: SampleStageConfig, acceptance: Acceptance, prompt: dict, sample: dict
+                 ) -> tuple[list[dict], dict | None]:
+    """The SFT records and the preference record (or None) that one prompt's samples give."""
+    kept, rejected = select(sample["completions"], acceptance, min_margin=cfg.min_margin,
+                            max_per_prompt=cfg.max_per_prompt)
+    if not kept:
+        return [], None
     messages = prompt["messages"]
     if cfg.keep_system_prompt and sample.get("system_prompt"):
         from posttrain.generate import with_system_prompt
 
         messages = with_system_prompt(messages, sample["system_prompt"])
     tools = {"tools": prompt["tools"]} if prompt.get("tools") else {}
-    sft = {"id": prompt["id"], "messages": [*messages, best["message"]], **tools, "source": "rs",
-           "reward": best["reward"]}
-    if worst is None:
+    sft = [{"id": prompt["id"] if i == 0 else f"{prompt['id']}/{i}", "messages": [*messages, c["message"]], **tools,
+            "source": "rs", "reward": c["reward"], "scores": c.get("scores") or {}} for i, c in enumerate(kept)]
+    if rejected is None:
         return sft, None
-    pair = {"id": prompt["id"], "prompt": messages, "chosen": [best["message"]], "rejected": [worst["message"]],
-            **tools, "margin": best["reward"] - worst["reward"], "source": "rs"}
+    best = kept[0]
+    # a pair decided by the gates carries no reward margin: the RM's margin filter must not drop a verified pair
+    ranked = acceptance.passes(rejected)
+    margin = {"margin": best["reward"] - rejected["reward"]} if ranked else {}
+    pair = {"id": prompt["id"], "prompt": messages, "chosen": [best["message"]], "rejected": [rejected["message"]],
+            **tools, **margin, "source": "rs"}
     return sft, pair
 
 
-def _metrics(samples: list[dict], sft: list[dict], pairs: list[dict], stats: list[dict]) -> dict:
+def _pass_rates(samples: list[dict], kept: dict[str, list[dict]], names: list[str], acceptance: Acceptance,
+                pass_score: dict[str, float]) -> dict:
+    """Per pass/fail source: the share of SFT records that pass it, and how well the reward alone picks.
+
+    picked: prompts whose highest-reward finished sample passes (the reward's pick, gates ignored); random: finished
+    samples that pass; oracle: prompts with any finished sample that passes. Over prompts with a finished sample.
+    """
+    finished = Acceptance(gates={}, keep_truncated=acceptance.keep_truncated)
+    groups = [[c for c in s["completions"] if finished.eligible(c)] for s in samples]
+    groups = [g for g in groups if g]
+    records = [c for cs in kept.values() for c in cs]
+    flat = [c for g in groups for c in g]
+
+    def share(hits: list[bool]) -> float | None:
+        return sum(hits) / len(hits) if hits else None
+
+    out = {}
+    for name in names:
+        def ok(c: dict) -> bool:
+            return c["scores"][name] >= pass_score[name]
+
+        out[name] = {"kept_pass_rate": share([ok(c) for c in records]),
+                     "picked": share([ok(max(g, key=lambda c: c["reward"])) for g in groups]),
+                     "random": share([ok(c) for c in flat]),
+                     "oracle": share([any(map(ok, g)) for g in groups])}
+    return out
+
+
+def _metrics(cfg: SampleStageConfig, samples: list[dict], kept: dict[str, list[dict]], top: set[str],
+             sft: list[dict], pairs: list[dict], stats: list[dict], acceptance: Acceptance) -> dict:
     comps = [c for s in samples for c in s["completions"]]
     rewards = [c["reward"] for c in comps]
     seconds = sum(s["seconds"] for s in stats)
+    checks = [r.name for r in cfg.rewards if r.kind != RM_KIND]
     return {
         "prompts": len(samples),
         "samples": len(comps),
+        "accepted_samples": sum(acceptance.eligible(c) for c in comps),
+        "prompts_accepted": len(kept),
+        "prompts_rejected": len(samples) - len(kept),
+        "prompts_below_top_fraction": len(kept) - len(top),
         "kept": len(sft),
         "pairs": len(pairs),
+        "gates": acceptance.gates,
         "mean_reward": sum(rewards) / len(rewards) if rewards else 0.0,
         "max_reward": max(rewards, default=0.0),
         "mean_kept_reward": sum(r["reward"] for r in sft) / len(sft) if sft else 0.0,
+        "checks": _pass_rates(samples, {p: kept[p] for p in top}, checks, acceptance, {r.name: r.pass_score for r in cfg.rewards}),
         "mean_length_tokens": sum(c["num_tokens"] for c in comps) / len(comps) if comps else 0.0,
         "tokens_per_s": sum(s["tokens"] for s in stats) / seconds if seconds else 0.0,
         "stop_reasons": dict(Counter(c["stop_reason"] for c in comps)),
     }
 
 
+def _top_share(kept: dict[str, list[dict]], fraction: float) -> set[str]:
+    """The prompt ids of the top `fraction` of accepted prompts by their best reward (ceil; ties by prompt order)."""
+    n = math.ceil(len(kept) * fraction)
+    order = sorted(kept, key=lambda pid: -kept[pid][0]["reward"])
+    return set(order[:n])
+
+
+def acceptance(cfg: SampleStageConfig) -> Acceptance:
+    return Acceptance(gates={r.name: r.pass_score for r in cfg.rewards if r.gate}, min_reward=cfg.min_reward,
+                      keep_truncated=cfg.keep_truncated)
+
+
 def merge(cfg: SampleStageConfig, prompts: list[dict], num_shards: int) -> dict:
-    """Read every shard in order; write sft.jsonl, pairs.jsonl, then manifest.json and DONE. Returns the manifest."""
+    """Read every shard in order; write sft.jsonl, pairs.jsonl, rejected.jsonl, then manifest.json and DONE."""
     out = Path(cfg.output_dir)
+    accept = acceptance(cfg)
     by_id = {p["id"]: p for p in prompts}
-    samples, sft, pairs, stats = [], [], [], []
+    samples, kept, pairs, stats = [], {}, [], []
     for index in range(num_shards):
         path = shard_path(out, index)
         for sample in read_records(path, "samples"):
             samples.append(sample)
-            sft_record, pair = _records_for(cfg, by_id[sample["prompt_id"]], sample)
-            sft += [sft_record] if sft_record else []
+            records, pair = _records_for(cfg, accept, by_id[sample["prompt_id"]], sample)
+            if records:
+                kept[sample["prompt_id"]] = records
             pairs += [pair] if pair else []
         stats_path = path.with_suffix(".stats.json")
         if stats_path.is_file():
             stats.append(json.loads(stats_path.read_text()))
+    top = _top_share(kept, cfg.top_fraction)
+    sft = [r for pid, records in kept.items() if pid in top for r in records]
     write_jsonl(out / "sft.jsonl", sft)
     write_jsonl(out / "pairs.jsonl", pairs)
+    write_jsonl(out / "rejected.jsonl", [by_id[s["prompt_id"]] for s in samples if s["prompt_id"] not in kept])
     manifest = {
         "stage": "sample",
         "inputs": {"policy": cfg.policy.path, "prompts": {p: file_sha256(p) for p in cfg.prompts}},
         "config": to_dict(cfg),
-        "metrics": _metrics(samples, sft, pairs, stats),
-        "outputs": {"samples": f"samples/shard-*.jsonl ({num_shards})", "sft": "sft.jsonl", "pairs": "pairs.jsonl"},
+        "metrics": _metrics(cfg, samples, kept, top, sft, pairs, stats, accept),
+        "outputs": {"samples": f"samples/shard-*.jsonl ({num_shards})", "sft": "sft.jsonl", "pairs": "pairs.jsonl",
+                    "rejected": "rejected.jsonl"},
     }
     RunDir.mark_done(out, manifest)
     return manifest
+
+
+def _changed_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
+    """Dotted keys whose values differ between two resolved configs (numbers compared as numbers)."""
+    changed = []
+    for key in sorted(set(before) | set(now)):
+        a, b = before.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            changed += _changed_keys(a, b, f"{prefix}{key}.")
+        elif a != b:
+            changed.append(f"{prefix}{key}")
+    return changed
 
 
 def run(cfg: SampleStageConfig) -> dict:
@@ -231,8 +355,13 @@ def run(cfg: SampleStageConfig) -> dict:
 
     out = Path(cfg.output_dir)
     if RunDir.is_done(out):
-        print(f"sample: {out} is done (DONE present); delete it to sample again")
-        return RunDir.manifest(out)
+        manifest = RunDir.manifest(out)
+        changed = _changed_keys(manifest.get("config") or {}, to_dict(cfg))
+        if changed:
+            raise ValueError(f"{out}: finished with other settings (changed: {', '.join(changed)}); delete the dir "
+                             "or choose another output_dir to sample with these")
+        print(f"sample: {out} is done (DONE present) with these settings; delete it to sample again")
+        return manifest
     # cpu=True lets processes started by torch.distributed.run on a host without CUDA join over gloo.
     state = PartialState(cpu=parse_flag_from_env("ACCELERATE_USE_CPU") or not torch.cuda.is_available())
     prompts = load_prompts(cfg.prompts)
@@ -254,7 +383,13 @@ def run(cfg: SampleStageConfig) -> dict:
     if state.is_main_process:
         manifest = merge(cfg, prompts, len(shards))
         m = manifest["metrics"]
-        print(f"sample: {m['prompts']} prompts x {cfg.k} -> {m['kept']} kept, {m['pairs']} pairs, "
+        print(f"sample: {m['prompts']} prompts x {cfg.k}: {m['prompts_accepted']} with an accepted sample, "
+              f"{m['prompts_rejected']} without -> {m['kept']} SFT records, {m['pairs']} pairs; "
               f"mean reward {m['mean_reward']:.3f}, {m['tokens_per_s']:.1f} tokens/s")
+        for name, rates in m["checks"].items():
+            if rates["kept_pass_rate"] is not None:
+                print(f"sample: {rates['kept_pass_rate']:.1%} of the SFT records pass {name}; the reward's pick "
+                      f"passes for {rates['picked']:.1%} of prompts, a random sample {rates['random']:.1%}, "
+                      f"any sample {rates['oracle']:.1%}")
     state.wait_for_everyone()
     return RunDir.manifest(out)

@@ -27,7 +27,14 @@ COLUMNS = (
     ("rs_reward", "RS reward", "{:.3f}"),
     ("sft_loss", "SFT loss", "{:.4f}"),
     ("dpo_loss", "DPO loss", "{:.4f}"),
+    ("rs_accepted", "RS prompts ok", "{:d}"),
+    ("rs_pass", "RS pass", "{:.1%}"),
+    ("rs_picked", "pick", "{:.1%}"),
+    ("rs_random", "random", "{:.1%}"),
+    ("rs_oracle", "oracle", "{:.1%}"),
 )
+# the RS columns from "RS prompts ok" on: prompts with an accepted sample; the share of RS SFT records that pass the
+# task's verifier; how often the reward alone picks a passing sample, a random sample passes, any sample passes
 
 
 def _read_json(path: Path) -> dict:
@@ -46,10 +53,17 @@ def round_dirs(root: Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _check(rs: dict) -> dict:
+    """The RS pass rates of the task's verifier, else of the first pass/fail source ({} when none)."""
+    checks = rs.get("checks") or {}
+    return checks.get("task_verifier") or next(iter(checks.values()), {})
+
+
 def round_row(round_idx: int, d: Path) -> dict:
     """One round's numbers; a missing one is None."""
     ev, rm, prefs = _read_json(d / "eval.json"), _metrics(d / "rm"), _metrics(d / "prefs")
     rs, sft, dpo = _metrics(d / "samples"), _metrics(d / "sft"), _metrics(d / "dpo")
+    check = _check(rs)
     return {
         "round": round_idx,
         "accuracy": ev.get("accuracy"),
@@ -62,6 +76,11 @@ def round_row(round_idx: int, d: Path) -> dict:
         "rs_reward": rs.get("mean_reward"),
         "sft_loss": sft.get("final_loss"),
         "dpo_loss": dpo.get("loss", dpo.get("train_loss")),
+        "rs_accepted": rs.get("prompts_accepted"),
+        "rs_pass": check.get("kept_pass_rate"),
+        "rs_picked": check.get("picked"),
+        "rs_random": check.get("random"),
+        "rs_oracle": check.get("oracle"),
     }
 
 

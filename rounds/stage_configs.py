@@ -16,10 +16,11 @@ from posttrain.config import ConfigError, from_dict, to_dict
 
 PLACEHOLDER = "<filled in by the run>"  # what validation puts where the run fills in a path
 # keys of a stage section that steer the run and are not fields of the stage config
-RUN_KEYS = {"rm": ("variants", "variant_weights", "pairs_from"), "rs": (),
+RUN_KEYS = {"rm": ("variants", "variant_weights", "pairs_from"), "rs": ("task_verifier",),
             "sft": ("variants", "variant_weights", "continue_from_policy", "recent_rounds"),
             "dpo": ("variants", "variant_weights", "pairs_from")}
 PAIR_SOURCES = ("rs", "prefs", "given")
+TASK_VERIFIER_MODES = ("gate", "audit", "off")  # rs.task_verifier: how RS uses the task's own verifier
 
 
 def deep_merge(base: dict, update: dict) -> dict:
@@ -88,8 +89,25 @@ def dpo_config(cfg, model: str, out: Path, data: list[str], variant: dict | None
     return build(DPOStageConfig, d, "dpo")
 
 
+def task_verifier_source(cfg) -> dict | None:
+    """The task's verifier as an RS reward source (weight 0): a gate by default, an audit-only score with
+    rs.task_verifier: audit (it still measures how often the kept samples pass), or None with off or when the
+    sources already list a verifier of that kind."""
+    from rounds.tasks import get_task
+
+    mode = cfg.rs.get("task_verifier", "gate")
+    if mode not in TASK_VERIFIER_MODES:
+        raise ConfigError(f"rs.task_verifier: {mode!r} is not one of {', '.join(TASK_VERIFIER_MODES)}")
+    verifier = get_task(cfg.task.name).verifier
+    listed = stage_settings(cfg, "rs").get("rewards") or []
+    if mode == "off" or any(isinstance(s, dict) and s.get("kind") == verifier for s in listed):
+        return None
+    return {"kind": verifier, "name": "task_verifier", "weight": 0.0, "gate": mode == "gate"}
+
+
 def rs_config(cfg, policy: str, prompts: Path, out: Path, rm_path: str | None):
-    """RS from `policy`; a reward source {kind: rm} without a path scores with `rm_path` (the latest RM)."""
+    """RS from `policy`; a reward source {kind: rm} without a path scores with `rm_path` (the latest RM); the task's
+    verifier joins the sources (see task_verifier_source)."""
     from rounds.rejection import SampleStageConfig
 
     d = stage_settings(cfg, "rs")
@@ -97,6 +115,8 @@ def rs_config(cfg, policy: str, prompts: Path, out: Path, rm_path: str | None):
     for source in d.get("rewards") or []:
         if isinstance(source, dict) and source.get("kind") == "rm" and not source.get("path"):
             source["path"] = rm_path or ""
+    if (verifier := task_verifier_source(cfg)) is not None:
+        d["rewards"] = [*(d.get("rewards") or []), verifier]
     return build(SampleStageConfig, d, "rs")
 
 

@@ -41,7 +41,8 @@ def tiny_run_config(model_dir: Path, runs_dir: Path, given: Path, rounds: int = 
         "prefs": {"rounds": [1, 2], "labeler": "judge", "judge": [{"kind": "regex", "options": {"pattern": "^ "}}],
                   "k": 3, "max_new_tokens": 8, "keep_truncated": True, "given": {1: [str(given)]}},
         "rm": {"train": {"max_steps": 2, "batch_size": 2, "report_to": ["none"]}},
-        "rs": {"k": 3, "max_new_tokens": 8, "keep_truncated": True, "shard_size": 2},
+        # the tiny model never answers a sum: the task verifier only audits RS (as a gate it would reject every sample)
+        "rs": {"k": 3, "max_new_tokens": 8, "keep_truncated": True, "shard_size": 2, "task_verifier": "audit"},
         "sft": {"train": {"max_steps": 2, "save_steps": 1, "batch_size": 2, "max_length": 128, "learning_rate": 1e-3,
                           "report_to": ["none"]}},
         "dpo": {"train": {"max_steps": 2, "batch_size": 2, "max_length": 128, "report_to": ["none"]}},

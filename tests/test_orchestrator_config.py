@@ -228,3 +228,57 @@ def test_sft_can_continue_from_the_last_policy_on_the_latest_rounds_picks(tmp_pa
     assert [d.path for d in recipe.data] == [str(r / "samples" / "sft.jsonl") for r in (r1, r2)]
     assert latest.model.path == str(r1 / "dpo" / "model")
     assert [d.path for d in latest.data] == [str(r2 / "samples" / "sft.jsonl")]
+
+
+def test_rs_gates_on_the_task_verifier_unless_told_otherwise(tmp_path):
+    def sources(rs: dict) -> list[tuple]:
+        cfg = from_dict(RunConfig, {**BASE, "rs": rs})
+        stage = rs_config(cfg, "tiny", tmp_path / "p.jsonl", tmp_path / "out", "rm-dir")
+        return [(s.kind, s.name, s.weight, s.gate) for s in stage.rewards]
+
+    assert sources({}) == [("rm", "rm", 1.0, False), ("answer", "task_verifier", 0.0, True)]
+    assert sources({"task_verifier": "audit"}) == [("rm", "rm", 1.0, False), ("answer", "task_verifier", 0.0, False)]
+    assert sources({"task_verifier": "off"}) == [("rm", "rm", 1.0, False)]
+    # the task's verifier listed by the user: used as listed, not added twice
+    assert sources({"rewards": [{"kind": "answer", "weight": 2.0}]}) == [("answer", "answer", 2.0, True)]
+    with pytest.raises(ConfigError, match="rs.task_verifier: 'maybe' is not one of gate, audit, off"):
+        from_dict(RunConfig, {**BASE, "rs": {"task_verifier": "maybe"}})
+
+
+def test_preference_collection_is_skipped_when_no_stage_reads_its_pairs(tmp_path, monkeypatch):
+    def unused(change: dict) -> str:
+        return orchestrator.prefs_unused(from_dict(RunConfig, deep_merge({**BASE, "rounds": 2}, change)), 1)
+
+    assert unused({}) == ""  # the RM and DPO both read them
+    assert unused({"dpo": {"pairs_from": ["rs"]}}) == ""  # the RM still does
+    assert unused({"stages": {"rm": False}, "rs": {"rewards": [{"kind": "answer"}]}}) == ""  # DPO does
+    neither = {"stages": {"rm": False, "dpo": False}, "rs": {"rewards": [{"kind": "answer"}]}}
+    assert "no stage reads its pairs" in unused(neither)
+    assert "no stage reads its pairs" in unused({"rm": {"pairs_from": ["rs", "given"]},
+                                                "dpo": {"pairs_from": ["rs"]}, "prefs": {"given": {1: ["g"]}}})
+    # a later round's RM reads round 1's pairs
+    assert unused({**neither, "round_overrides": {2: {"stages": {"rm": True}}}}) == ""
+    cfg = from_dict(RunConfig, deep_merge({**BASE, "rounds": 2}, neither))
+    monkeypatch.setattr("rounds.collect.collect", lambda *a, **k: pytest.fail("sampled preferences nobody reads"))
+    orchestrator.step_prefs(orchestrator.Run(cfg, RunDir(tmp_path), PartialState()), cfg, 1)
+    assert "no stage reads its pairs" in RunDir.manifest(tmp_path / "round_01" / "prefs")["skipped"]
+
+
+def test_prompts_no_sample_passed_are_retried_in_the_next_rounds(tmp_path):
+    from posttrain.data import write_jsonl
+
+    def prompt(i: int) -> dict:
+        return {"id": f"p{i}", "messages": [{"role": "user", "content": f"q{i}"}]}
+
+    rejected = {1: [0, 1, 2], 2: [0, 1], 3: [0, 5]}  # p0 fails in rounds 1-3, p1 in 1-2, p5 first fails in 3
+    for r, ids in rejected.items():
+        write_jsonl(tmp_path / f"round_{r:02d}" / "samples" / "rejected.jsonl", [prompt(i) for i in ids])
+
+    def retried(retries: int, r: int) -> list[str]:
+        cfg = from_dict(RunConfig, {**BASE, "rounds": 4, "task": {"retry_rejected": retries}})
+        return [p["id"] for p in orchestrator.retried_prompts(orchestrator.Run(cfg, RunDir(tmp_path), None), cfg, r)]
+
+    assert retried(0, 2) == [] and retried(1, 1) == []
+    assert retried(1, 2) == ["p0", "p1", "p2"] and retried(1, 3) == [] and retried(1, 4) == ["p5"]
+    assert retried(2, 3) == ["p0", "p1"] and retried(2, 4) == ["p5"]  # p0 has had its 2 retries by round 4
+    assert retried(3, 4) == ["p0", "p5"]

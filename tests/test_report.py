@@ -29,7 +29,9 @@ def fake_run(root: Path) -> Path:
     _eval(r1, 0.8125, 0.8125, [9, 12])
     _stage(r1, "prefs", {"pairs": 37})
     _stage(r1, "rm", {"eval_accuracy": 0.75, "eval_loss": 0.5})
-    _stage(r1, "samples", {"kept": 60, "pairs": 52, "mean_reward": 0.4321})
+    _stage(r1, "samples", {"kept": 60, "pairs": 52, "mean_reward": 0.4321, "prompts_accepted": 58, "checks": {
+        "regex": {"kept_pass_rate": 0.5},  # a check that is not the task's verifier: not the one shown
+        "task_verifier": {"kept_pass_rate": 1.0, "picked": 0.625, "random": 0.4375, "oracle": 0.875}}})
     (r1 / "samples" / "samples").mkdir()
     (r1 / "samples" / "samples" / "shard-00000.jsonl").write_text(
         json.dumps({"prompt_id": "p", "completions": [{"reward": 1.5}, {"reward": -0.5}]}) + "\n")
@@ -48,18 +50,21 @@ def test_rows_and_table_show_the_literal_numbers(tmp_path):
     assert [r["round"] for r in rows] == [0, 1, 2]
     assert rows[1] == {"round": 1, "accuracy": 0.8125, "mean_reward": 0.8125, "mean_length": 10.5, "prefs_pairs": 37,
                        "rm_accuracy": 0.75, "rs_kept": 60, "rs_pairs": 52, "rs_reward": 0.4321, "sft_loss": 0.4567,
-                       "dpo_loss": 0.6543}
+                       "dpo_loss": 0.6543, "rs_accepted": 58, "rs_pass": 1.0, "rs_picked": 0.625,
+                       "rs_random": 0.4375, "rs_oracle": 0.875}
     table = report.format_table(rows).splitlines()
     assert [line.split() for line in table] == [
         ["round", "eval", "acc", "eval", "reward", "eval", "len", "pref", "pairs", "RM", "acc", "RS", "kept", "RS",
-         "pairs", "RS", "reward", "SFT", "loss", "DPO", "loss"],
-        ["-" * 111],
-        ["0", "(base)", "18.8%", "0.188", "41.0", "-", "-", "-", "-", "-", "-", "-"],
-        ["1", "81.2%", "0.812", "10.5", "37", "75.0%", "60", "52", "0.432", "0.4567", "0.6543"],
-        ["2", "-", "-", "-", "-", "-", "-", "-", "-", "-", "-"],
+         "pairs", "RS", "reward", "SFT", "loss", "DPO", "loss", "RS", "prompts", "ok", "RS", "pass", "pick",
+         "random", "oracle"],
+        ["-" * 158],
+        ["0", "(base)", "18.8%", "0.188", "41.0", *["-"] * 12],
+        ["1", "81.2%", "0.812", "10.5", "37", "75.0%", "60", "52", "0.432", "0.4567", "0.6543", "58", "100.0%",
+         "62.5%", "43.8%", "87.5%"],
+        ["2", *["-"] * 15],
     ]
     assert table[3] == "       1     81.2%        0.812      10.5          37   75.0%       60        52      0.432" \
-                       "    0.4567    0.6543"  # right-aligned under the headers
+                       "    0.4567    0.6543             58   100.0%  62.5%   43.8%   87.5%"  # right-aligned
 
 def test_report_files_embed_the_table_and_the_plot(tmp_path):
     root = fake_run(tmp_path)

@@ -96,14 +96,24 @@ def test_filters_drop_low_margins_and_unclear_labels(tmp_path):
     assert [r["id"] for r in load_preferences(cfg)[0]] == ["r0", "r1", "r2", "r3", "r4"]
 
 
-def test_split_is_seeded_and_by_record():
-    records = [{"id": i} for i in range(20)]
+def test_split_is_seeded_and_by_prompt():
+    records = [{"id": i, "prompt": [{"role": "user", "content": f"q{i % 10}"}], "chosen": "a", "rejected": "b"}
+               for i in range(40)]  # 10 prompts, each in 4 records (as when rounds repeat a prompt)
     train_a, held_a = split_records(records, 0.1, seed=3)
     train_b, held_b = split_records(records, 0.1, seed=3)
-    assert held_a == held_b and len(held_a) == 2 and len(train_a) == 18
-    assert sorted(r["id"] for r in train_a + held_a) == list(range(20))
-    assert split_records(records, 0.1, seed=4)[1] != held_a
+    assert held_a == held_b and len(held_a) == 4 and len(train_a) == 36
+    assert sorted(r["id"] for r in train_a + held_a) == list(range(40))
+    held_prompts = {r["prompt"][0]["content"] for r in held_a}
+    assert len(held_prompts) == 1 and not held_prompts & {r["prompt"][0]["content"] for r in train_a}
+    assert {r["prompt"][0]["content"] for r in split_records(records, 0.1, seed=4)[1]} != held_prompts
     assert split_records(records, 0.0, seed=3) == (records, [])
+    # a prompt keeps its side when more data arrives: the split does not depend on the other prompts
+    grown = records + [{"id": 40 + i, "prompt": [{"role": "user", "content": f"new{i}"}], "chosen": "a",
+                        "rejected": "b"} for i in range(10)]
+    held_grown = {r["prompt"][0]["content"] for r in split_records(grown, 0.1, seed=3)[1]}
+    assert held_prompts <= held_grown or not held_grown & {f"q{i}" for i in range(10)}
+    with pytest.raises(ValueError, match="over 1 distinct prompts"):
+        split_records([records[0], records[10]], 0.1, seed=3)
 
 
 @pytest.mark.parametrize(
