@@ -1,10 +1,20 @@
-"""The `posttrain` command: `posttrain run CONFIG.yaml [key=value ...]` and one subcommand per stage."""
+"""The `posttrain` command: `posttrain run CONFIG.yaml [key=value ...]` and one subcommand per stage.
+
+One error boundary for every subcommand: an error the user can fix (a bad config key or value, a bad record, a
+missing or unreadable path: ValueError and OSError, which name the file, line and key) prints one line,
+`posttrain STAGE: error: MESSAGE` (`config error:` for the config file and overrides), and exits 2; any other
+exception is a bug and keeps its traceback. Ctrl-C prints where the stage stopped and the command that resumes it,
+and exits 130.
+"""
 
 from __future__ import annotations
 
 import argparse
 import importlib
+import os
+import shlex
 import sys
+from pathlib import Path
 
 from posttrain.config import ConfigError, load_config
 
@@ -18,6 +28,53 @@ STAGES = {
     "synth": ("synth.pipeline", "SynthConfig", "run", "teacher-driven synthetic data"),
     "eval": ("rounds.evaluate", "EvalStageConfig", "run", "evaluate a policy on held-out tasks"),
 }
+USER_ERRORS = (ValueError, OSError)
+EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
+
+
+def error_line(command: str, e: BaseException) -> str:
+    """The one line for a user error: an OSError as `path: reason`, anything else as its message."""
+    if isinstance(e, OSError) and e.filename is not None:
+        message = f"{e.filename}: {e.strerror or e}"
+    else:
+        message = str(e) or type(e).__name__
+    kind = "config error" if isinstance(e, ConfigError) else "error"
+    return f"posttrain {command}: {kind}: {' '.join(message.split())}"
+
+
+def _output_dir(name: str, cfg) -> Path | None:
+    if name == "run":
+        return Path(cfg.runs_dir) / cfg.name
+    train = getattr(cfg, "train", None)
+    path = train.output_dir if train is not None else getattr(cfg, "output_dir", "")
+    return Path(path) if path else None
+
+
+def _progress(name: str, out: Path) -> str:
+    """What `out` holds of an interrupted run: the last checkpoint of a training stage, the unfinished stage of a
+    run."""
+    from posttrain.stage import last_checkpoint
+
+    if name == "run":
+        from rounds.state import STAGES as RUN_STAGES
+
+        unfinished = [d for r in sorted(out.glob("round_*")) for s in RUN_STAGES
+                      if (d := r / s).is_dir() and not (d / "DONE").is_file()]
+        return f"; unfinished: {unfinished[0].relative_to(out)}" if unfinished else ""
+    if name in ("sft", "dpo", "rm"):
+        found = last_checkpoint(out) or last_checkpoint(out / "checkpoints")
+        return f"; last checkpoint: {Path(found).name}" if found else "; no checkpoint yet (see train.save_steps)"
+    return ""
+
+
+def interrupted_message(name: str, cfg, argv: list[str]) -> str:
+    """Where the stage stopped and the command that carries on from there."""
+    out = _output_dir(name, cfg)
+    where = f" in {out}{_progress(name, out)}" if out is not None and out.is_dir() else ""
+    command = ["posttrain", name, *argv]
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        command = ["accelerate", "launch", "...", "-m", *command]
+    return f"interrupted{where}; resume with: {shlex.join(command)}"
 
 
 def _stage_main(name: str, argv: list[str]) -> int:
@@ -29,13 +86,20 @@ def _stage_main(name: str, argv: list[str]) -> int:
         parser.add_argument("--force", default="", help="comma-separated stages to redo after a config change (or 'all')")
     args = parser.parse_args(argv)
     module = importlib.import_module(module_name)
+    cfg = None
     try:
         cfg = load_config(getattr(module, cls_name), args.config, args.overrides)
-    except ConfigError as e:
-        print(f"posttrain {name}: config error: {e}", file=sys.stderr)
-        return 2
-    entry = getattr(module, fn_name)
-    result = entry(cfg, force=args.force) if name == "run" else entry(cfg)
+        entry = getattr(module, fn_name)
+        result = entry(cfg, force=args.force) if name == "run" else entry(cfg)
+    except USER_ERRORS as e:
+        print(error_line(name, e), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        if os.environ.get("RANK", "0") == "0":
+            resume = [args.config, *args.overrides]
+            message = interrupted_message(name, cfg, resume) if cfg is not None else "interrupted"
+            print(f"\nposttrain {name}: {message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     return result if isinstance(result, int) else 0
 
 
@@ -46,11 +110,17 @@ def main(argv: list[str] | None = None) -> int:
         width = max(map(len, commands))
         lines = "\n".join(f"  {k:<{width}}  {v}" for k, v in commands.items())
         print(f"usage: posttrain COMMAND ...\n\ncommands:\n{lines}", file=sys.stderr if argv else sys.stdout)
-        return 0 if not argv or argv[0] in ("-h", "--help") else 2
+        return 0 if not argv or argv[0] in ("-h", "--help") else EXIT_USER_ERROR
     if argv[0] == "inspect":
         from posttrain.inspect import main as inspect_main
 
-        return inspect_main(argv[1:])
+        try:
+            return inspect_main(argv[1:])
+        except USER_ERRORS as e:
+            print(error_line("inspect", e), file=sys.stderr)
+            return EXIT_USER_ERROR
+        except KeyboardInterrupt:
+            return EXIT_INTERRUPTED
     return _stage_main(argv[0], argv[1:])
 
 

@@ -9,6 +9,7 @@ Records (DESIGN.md):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
@@ -157,53 +158,111 @@ def validate_record(record: Any, kind: str, where: str = "record") -> dict:
     return rec
 
 
+def surely_longer_than(messages: list[dict], tokenizer, max_tokens: int) -> bool:
+    """Whether `messages` must render to more than `max_tokens` tokens, judged from the UTF-8 size of their content
+    alone (no token spells more bytes than the vocabulary's longest), so that a huge record is refused without
+    tokenizing it whole."""
+    size = sum(len(m.get("content") or "") for m in messages)  # characters <= bytes: cheap and still a lower bound
+    return size > max_tokens * _longest_token_bytes(tokenizer)
+
+
+@functools.lru_cache(maxsize=8)
+def _longest_token_bytes(tokenizer) -> int:
+    # token strings spell bytes with one char each (byte-level BPE) or as text (SentencePiece): either way their
+    # UTF-8 length is at least the bytes they stand for
+    return max(len(token.encode("utf-8")) for token in tokenizer.get_vocab())
+
+
 def _strip(msgs: list[dict]) -> list[tuple]:
     return [(m["role"], m["content"].strip(), json.dumps(m.get("tool_calls") or [], sort_keys=True)) for m in msgs]
 
 
-def iter_raw(path: str | Path) -> Iterator[tuple[str, Any]]:
-    """Yield (`file:line`, raw record) from a JSONL file, a parquet file or an HF datasets dir (row numbers from 1)."""
+def iter_raw(path: str | Path, *, allow_empty: bool = True) -> Iterator[tuple[str, Any]]:
+    """Yield (`file:line`, raw record) from a JSONL file, a parquet file or an HF datasets dir (row numbers from 1).
+
+    Unreadable input (bytes that are not UTF-8, a corrupt parquet file or datasets dir) raises RecordError naming
+    the file and, for JSONL, the line; so does a file without records unless `allow_empty`.
+    """
     path = Path(path)
     if not path.exists():
         raise FileNotFoundError(f"{path}: no such file or directory")
-    if path.is_dir():
-        import datasets
-
-        ds = datasets.load_from_disk(str(path))
-        if isinstance(ds, datasets.DatasetDict):
-            ds = ds["train"] if "train" in ds else next(iter(ds.values()))
-        for i, row in enumerate(ds, start=1):
-            yield f"{path}:row {i}", row
-    elif path.suffix == ".parquet":
-        import pyarrow.parquet as pq
-
-        for i, row in enumerate(pq.read_table(path).to_pylist(), start=1):
-            yield f"{path}:row {i}", row
-    else:
-        with open(path, encoding="utf-8") as f:
-            for i, line in enumerate(f, start=1):
-                if not line.strip():
-                    continue
-                try:
-                    yield f"{path}:{i}", json.loads(line)
-                except json.JSONDecodeError as e:
-                    raise RecordError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+    count = 0
+    for count, item in enumerate(_dataset_rows(path) if path.is_dir() or path.suffix == ".parquet"
+                                 else _jsonl_rows(path), start=1):
+        yield item
+    if not count and not allow_empty:
+        raise RecordError(f"{path}: no records (the file is empty)")
 
 
-def read_records(path: str | Path, kind: str, *, converter=None) -> list[dict]:
+def _dataset_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    """Rows of an HF datasets dir or a parquet file, as plain dicts."""
+    import datasets
+    import pyarrow
+    import pyarrow.parquet as pq
+
+    try:
+        if path.is_dir():
+            ds = datasets.load_from_disk(str(path))
+            if isinstance(ds, datasets.DatasetDict):
+                ds = ds["train"] if "train" in ds else next(iter(ds.values()))
+            rows = ds.to_list()
+        else:
+            rows = pq.read_table(path).to_pylist()
+    except (OSError, ValueError, pyarrow.ArrowException) as e:
+        kind = "an HF datasets dir" if path.is_dir() else "a parquet file"
+        raise RecordError(f"{path}: not a readable {kind} ({' '.join(str(e).split())})") from None
+    for i, row in enumerate(rows, start=1):
+        yield f"{path}:row {i}", row
+
+
+def _jsonl_rows(path: Path) -> Iterator[tuple[str, Any]]:
+    with open(path, "rb") as f:
+        for i, raw in enumerate(f, start=1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise RecordError(f"{path}:{i}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at byte {e.start + 1} "
+                                  "of the line)") from None
+            if i == 1:
+                line = line.removeprefix("\ufeff")  # a byte-order mark some editors write
+            if not line.strip():
+                continue
+            try:
+                yield f"{path}:{i}", json.loads(line)
+            except json.JSONDecodeError as e:
+                raise RecordError(f"{path}:{i}: not valid JSON ({e.msg} at column {e.colno})") from None
+
+
+class UniqueIds:
+    """Remembers each record id's `file:line`; `check(rec, where)` refuses an id seen before."""
+
+    def __init__(self):
+        self.seen: dict[Any, str] = {}
+
+    def check(self, rec: dict, where: str) -> None:
+        if "id" not in rec:
+            return
+        first = self.seen.setdefault(rec["id"], where)
+        if first != where:
+            raise RecordError(f"{where}: id: {rec['id']!r} is also the id of {first}")
+
+
+def read_records(path: str | Path, kind: str, *, converter=None, strict: bool = False) -> list[dict]:
     """Read and validate every record of a file; the first bad one raises RecordError('file:line: field: ...').
 
     `converter(raw) -> record` maps another schema (ShareGPT, OpenAI) to ours before validation.
-    Records without an id get `{file stem}-{line}`.
+    Records without an id get `{file stem}-{line}`. `strict`: also refuse an empty file and a repeated id.
     """
-    out = []
-    for where, raw in iter_raw(path):
+    out, ids = [], UniqueIds()
+    for where, raw in iter_raw(path, allow_empty=not strict):
         if converter is not None:
             try:
                 raw = converter(raw)
             except (KeyError, TypeError, ValueError) as e:
                 raise RecordError(f"{where}: {e}") from None
         rec = validate_record(raw, kind, where)
+        if strict:
+            ids.check(rec, where)
         if kind != "samples" and "id" not in rec:
             rec["id"] = f"{Path(path).stem}-{where.rsplit(':', 1)[1].replace('row ', '')}"
         out.append(rec)

@@ -2,8 +2,9 @@
 every log-prob, + 0.2 × NLL on chosen. The reference is this round's SFT model (the policy's starting point).
 
 Flow: read, validate and tokenize every pair (a bad pair stops here, naming file:line, before anything is written)
--> load policy (LoRA or full) and reference -> train, resuming from the last complete checkpoint -> save the model
-atomically -> manifest.json -> DONE. The output dir:
+-> seed every RNG, load policy (LoRA or full) and reference -> train, resuming from the last complete checkpoint ->
+save the model atomically -> manifest.json -> DONE. The output dir follows posttrain.outdir: a dir of other files
+is refused, a finished run of this config and data is returned as is, one of another config refused. It holds:
 
     model/          merged weights (or the adapter when lora.merge is false) and the tokenizer
     checkpoints/    trainer checkpoints (resume)
@@ -23,9 +24,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
+from transformers import set_seed
 from trl import DPOConfig, DPOTrainer
 
-from posttrain import accel, stage
+from posttrain import accel, outdir, stage
 from posttrain.accel import AccelConfig
 from posttrain.compat import checkpointing_args
 from posttrain.backbone import apply_lora, load_model, load_tokenizer_for, merge_lora, resolve_dtype, save_model
@@ -35,12 +37,14 @@ from posttrain.config import (
     LoRAConfig,
     ModelConfig,
     TrainConfig,
+    blame,
     check_choice,
     check_range,
     field,
     to_dict,
 )
-from posttrain.data import RecordError, atomic_write_json, atomic_write_text, file_sha256, iter_raw, validate_record
+from posttrain.data import RecordError, UniqueIds, atomic_write_json, atomic_write_text, file_sha256, iter_raw
+from posttrain.data import surely_longer_than, validate_record
 from posttrain.losses import dpo_loss, policy_logps
 from posttrain.tools import CUSTOM_FORMATS
 
@@ -146,6 +150,13 @@ def tokenize_pair(rec: dict, tokenizer, cfg: DPOStageConfig, where: str) -> dict
     """
     kw = {"tools": rec.get("tools"), "tool_format": cfg.tool_format}
     chosen_key = "edited" if cfg.use_edited and rec.get("edited") else "chosen"
+    huge = [key for key in (chosen_key, "rejected")
+            if surely_longer_than(rec["prompt"] + rec[key], tokenizer, cfg.train.max_length)]
+    if huge and cfg.truncation == "drop":
+        return None
+    if huge:
+        raise RecordError(f"{where}: {huge[0]}: prompt + {huge[0]} is far more than train.max_length="
+                          f"{cfg.train.max_length} tokens (truncation: drop skips such pairs)")
     prompt_ids = render(rec["prompt"], tokenizer, add_generation_prompt=True, **kw).ids
     n = len(prompt_ids)
     pair, too_long = {"prompt_ids": prompt_ids}, ""
@@ -178,14 +189,16 @@ def build_pairs(cfg: DPOStageConfig, tokenizer) -> tuple[list[dict], list[dict]]
     """Read, validate and tokenize every preference file: (pairs, one manifest entry per file).
 
     A bad record (identical chosen and rejected, a missing field, an empty response, a prompt mismatch, a pair too
-    long under truncation: error) raises RecordError naming file:line and the field.
+    long under truncation: error, an id seen before in the file) or an empty file raises RecordError naming
+    file:line and the field.
     """
     rng = random.Random(cfg.train.seed)
     pairs, inputs = [], []
     for i, source in enumerate(cfg.data):
-        kept, dropped, edited = [], 0, 0
-        for where, raw in iter_raw(source.path):
+        kept, dropped, edited, ids = [], 0, 0, UniqueIds()
+        for where, raw in iter_raw(source.path, allow_empty=False):
             rec = validate_record(split_prompt(raw, where), "preference", where)
+            ids.check(rec, where)
             pair = tokenize_pair(rec, tokenizer, cfg, where)
             dropped += pair is None
             edited += pair is not None and cfg.use_edited and bool(rec.get("edited"))
@@ -259,7 +272,8 @@ def load_models(cfg: DPOStageConfig):
     kw = {"dtype": cfg.model.dtype, "attn_implementation": cfg.model.attn_implementation}
     policy = apply_lora(load_model(cfg.model.path, **kw), cfg.lora)
     separate = cfg.ref_model_path or not (cfg.lora.enabled or cfg.precompute_ref_log_probs)
-    ref = load_model(cfg.ref_model_path or cfg.model.path, **kw) if separate else None
+    with blame("ref_model_path" if cfg.ref_model_path else "model.path"):
+        ref = load_model(cfg.ref_model_path or cfg.model.path, **kw) if separate else None
     accel.apply(policy, cfg.accel)
     if ref is not None:
         accel.apply(ref, cfg.accel)
@@ -303,7 +317,11 @@ def _trainer_args(cfg: DPOStageConfig, out: Path) -> DPOConfig:
 def build_trainer(cfg: DPOStageConfig, pairs: list[dict], tokenizer, out: Path) -> LlamaDPOTrainer:
     """The DPO trainer on the tokenized pairs: policy, reference, collator and arguments from the stage config."""
     args = _trainer_args(cfg, out)
+    set_seed(cfg.train.seed)  # before the models: random weights (a config name) and LoRA's init repeat
     policy, ref = load_models(cfg)
+    if args.distributed_state.is_main_process:
+        outdir.claim(out, "dpo")
+    args.distributed_state.wait_for_everyone()
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     with accel.device_fingerprint():  # TRL keys the precomputed reference log-probs by a hash of the weights
@@ -363,22 +381,16 @@ def _final_metrics(trainer: LlamaDPOTrainer, cfg: DPOStageConfig, result) -> dic
     return metrics
 
 
-def _finished(out: Path, cfg: DPOStageConfig) -> dict:
-    """The manifest of a finished run with this config and these data files; another one is refused."""
-    manifest = json.loads((out / "manifest.json").read_text())
-    hashes = [source["sha256"] for source in manifest["inputs"]["data"]]
-    if manifest["config"] != json.loads(json.dumps(to_dict(cfg))) or hashes != [file_sha256(d.path) for d in cfg.data]:
-        raise ValueError(f"{out}: holds a finished DPO run of another config or other data; choose a new "
-                         "train.output_dir or delete this one")
-    return manifest
-
-
 def train(cfg: DPOStageConfig) -> dict:
     """Run the DPO stage into cfg.train.output_dir and return its manifest (a finished dir is returned as is)."""
     out = Path(cfg.train.output_dir)
-    if (out / "DONE").is_file():
-        return _finished(out, cfg)
-    tokenizer = load_tokenizer_for(cfg.model.path)
+    outdir.check_writable(out, "dpo")
+    done = outdir.reuse_finished(out, "DPO", to_dict(cfg), [d.path for d in cfg.data],
+                                 lambda m: [source["sha256"] for source in m["inputs"]["data"]])
+    if done is not None:
+        return done
+    with blame("model.path"):
+        tokenizer = load_tokenizer_for(cfg.model.path)
     pairs, inputs = build_pairs(cfg, tokenizer)  # bad data stops here, before anything is written
     trainer = build_trainer(cfg, pairs, tokenizer, out)
     result = trainer.train(resume_from_checkpoint=stage.last_checkpoint(out / "checkpoints"))

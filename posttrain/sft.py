@@ -2,9 +2,12 @@
 
 `train(cfg)` reads and validates every record (errors name file:line and field, before any training), renders each
 to input_ids + labels (-100 where the render mask is False), mixes the sources by weight, packs whole examples into
-rows (packing.py), trains with LoRA or all weights, resumes from the last checkpoint in `train.output_dir`, and
-saves the model through a temp dir, then `manifest.json`, then `DONE`. Under `accelerate launch` every rank builds
-the same data and trains; only rank 0 writes the model, manifest and DONE.
+rows (packing.py), seeds every RNG, builds the model (LoRA or all weights) and trains, resuming from the last
+checkpoint in `train.output_dir`. The output dir rules are posttrain.outdir's: a dir of other files is refused; a
+finished run of the same config and data is returned as is; a rerun with another config trains anew (from the
+last checkpoint, with `resume`) while the finished model stays until the new one is saved to a temp dir and moved
+in, then `manifest.json`, then `DONE`. Under `accelerate launch` every rank builds the same data and trains; only
+rank 0 writes the model, manifest and DONE.
 """
 
 from __future__ import annotations
@@ -19,10 +22,10 @@ from pathlib import Path
 
 import torch
 from datasets import Dataset
-from transformers import TrainerCallback
+from transformers import TrainerCallback, set_seed
 from trl import SFTTrainer
 
-from posttrain import accel, backbone, chat, stage
+from posttrain import accel, backbone, chat, outdir, stage
 from posttrain.accel import AccelConfig
 from posttrain.compat import checkpointing_args
 from posttrain.config import (
@@ -30,13 +33,14 @@ from posttrain.config import (
     LoRAConfig,
     ModelConfig,
     TrainConfig,
+    blame,
     check_choice,
     check_range,
     field,
     to_dict,
 )
-from posttrain.data import CONVERTERS, RecordError, atomic_write_json, atomic_write_text, file_sha256, iter_raw
-from posttrain.data import validate_record
+from posttrain.data import CONVERTERS, RecordError, UniqueIds, atomic_write_json, atomic_write_text, file_sha256
+from posttrain.data import iter_raw, surely_longer_than, validate_record
 from posttrain.packing import IGNORE_INDEX, PackedCollator, pack
 from posttrain.tools import CUSTOM_FORMATS
 
@@ -44,7 +48,7 @@ log = logging.getLogger(__name__)
 
 TRUNCATION = ("error", "drop", "truncate")
 TMP_MODEL_DIR = ".model.tmp"
-# What a finished run leaves in output_dir besides checkpoints and logs; a rerun removes it before training.
+# What a finished run leaves in output_dir besides checkpoints and logs; a rerun replaces it once its model is saved.
 STALE_OUTPUTS = ("manifest.json", "*.safetensors", "*.safetensors.index.json", "adapter_config.json", "*.bin", "*.pth")
 
 
@@ -84,7 +88,7 @@ class SFTStageConfig:
         if not self.train.output_dir:
             raise ConfigError("train.output_dir: required")
         if Path(self.train.output_dir).resolve() == Path(self.model.path).resolve():
-            raise ConfigError("train.output_dir: must differ from model.path (a run clears the model files it holds)")
+            raise ConfigError("train.output_dir: must differ from model.path (a run replaces the model files there)")
         if not self.data:
             raise ConfigError("data: at least one source is required")
         check_choice("truncation", self.truncation, TRUNCATION)
@@ -97,23 +101,30 @@ class SFTStageConfig:
 
 
 def read_source(source: DataSourceConfig) -> list[tuple[str, dict]]:
-    """(`file:line`, validated record) for the records of one source; the first bad one raises RecordError."""
-    if not Path(source.path).exists():
-        raise FileNotFoundError(f"{source.path}: no such file or directory")
+    """(`file:line`, validated record) for the records of one source; the first bad one (or a repeated id, or an
+    empty file) raises RecordError."""
     converter = CONVERTERS[source.format]
-    out = []
-    for where, raw in itertools.islice(iter_raw(source.path), source.max_records or None):
+    out, ids = [], UniqueIds()
+    for where, raw in itertools.islice(iter_raw(source.path, allow_empty=False), source.max_records or None):
         if converter is not None:
             try:
                 raw = converter(raw)
             except (KeyError, TypeError, ValueError) as e:
                 raise RecordError(f"{where}: {e}") from None
-        out.append((where, validate_record(raw, "sft", where)))
+        record = validate_record(raw, "sft", where)
+        ids.check(record, where)
+        out.append((where, record))
     return out
 
 
 def render_example(record: dict, where: str, tokenizer, cfg: SFTStageConfig) -> dict | None:
     """input_ids + labels of one record (-100 where not trained); None when it is too long and truncation drops it."""
+    max_length = cfg.train.max_length
+    if cfg.truncation != "truncate" and surely_longer_than(record["messages"], tokenizer, max_length):
+        if cfg.truncation == "drop":
+            return None
+        raise RecordError(f"{where}: messages: far more than train.max_length={max_length} tokens "
+                          "(set truncation: drop or truncate to allow it)")
     try:
         rendered = chat.render(record["messages"], tokenizer, tools=record.get("tools"), train_on=cfg.train_on,
                                tool_format=cfg.tool_format)
@@ -121,7 +132,6 @@ def render_example(record: dict, where: str, tokenizer, cfg: SFTStageConfig) -> 
         raise RecordError(f"{where}: messages: {e}") from None
     ids = list(rendered.ids)
     labels = [t if trained else IGNORE_INDEX for t, trained in zip(ids, rendered.mask)]
-    max_length = cfg.train.max_length
     if len(ids) > max_length:
         if cfg.truncation == "error":
             raise RecordError(f"{where}: messages: {len(ids)} tokens, more than train.max_length={max_length} "
@@ -250,12 +260,18 @@ def _trainer_args(cfg: SFTStageConfig, has_eval: bool):
     )
 
 
-def _build_trainer(cfg: SFTStageConfig, args, tokenizer, train_rows: list[dict], eval_rows: list[dict], meter):
-    dtype = backbone.resolve_dtype(cfg.model.dtype)
-    model = backbone.load_model(cfg.model.path, dtype, attn_implementation=cfg.model.attn_implementation)
+def _build_model(cfg: SFTStageConfig):
+    """The model to train: seeded first, so that random weights (a config name) and LoRA's init repeat."""
+    set_seed(cfg.train.seed)
+    model = backbone.load_model(cfg.model.path, backbone.resolve_dtype(cfg.model.dtype),
+                                attn_implementation=cfg.model.attn_implementation)
     if cfg.lora.enabled:
         model = backbone.apply_lora(model, cfg.lora)
     accel.apply(model, cfg.accel)
+    return model
+
+
+def _build_trainer(cfg: SFTStageConfig, args, tokenizer, model, train_rows: list[dict], eval_rows: list[dict], meter):
     train_ds = Dataset.from_list(train_rows)
     eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
     if cfg.packing:
@@ -290,13 +306,10 @@ def _choose_pad_token(tokenizer, rows: list[dict]) -> None:
 
 
 def _prepare_output_dir(out: Path, resume: bool) -> None:
-    """Unmark a finished run and remove its model files; without resume, drop old checkpoints so none is picked up."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "DONE").unlink(missing_ok=True)
+    """Claim `out` for SFT and drop an unfinished model save; without resume, old checkpoints too, so none is picked
+    up. A finished model stays until the new one replaces it."""
+    outdir.claim(out, "sft")
     shutil.rmtree(out / TMP_MODEL_DIR, ignore_errors=True)
-    for pattern in STALE_OUTPUTS:
-        for stale in out.glob(pattern):
-            stale.unlink()
     if not resume:
         for old in out.glob("checkpoint-*"):
             shutil.rmtree(old)
@@ -354,19 +367,33 @@ def _manifest(cfg: SFTStageConfig, sources: list[dict], metrics: dict) -> dict:
             "versions": stage.versions()}
 
 
+def finished(cfg: SFTStageConfig) -> dict | None:
+    """The manifest of a finished run of this config and these data files in train.output_dir, else None."""
+    manifest, changed = outdir.compare_finished(Path(cfg.train.output_dir), to_dict(cfg), [d.path for d in cfg.data],
+                                                lambda m: [source["sha256"] for source in m["inputs"]])
+    return manifest if manifest is not None and not changed else None
+
+
 def train(cfg: SFTStageConfig) -> dict:
     """Run the SFT stage; returns its metrics (also in output_dir/manifest.json)."""
     out = Path(cfg.train.output_dir)
-    tokenizer = backbone.load_tokenizer_for(cfg.model.path)
+    outdir.check_writable(out, "sft")
+    done = finished(cfg)
+    if done is not None:
+        log.info("sft: %s already holds this run, finished", out)
+        return done["metrics"]
+    with blame("model.path"):
+        tokenizer = backbone.load_tokenizer_for(cfg.model.path)
     train_rows, eval_rows, sources = render_sources(cfg, tokenizer)  # every record checked before anything is written
     args = _trainer_args(cfg, has_eval=bool(eval_rows))
     state = args.distributed_state
+    model = _build_model(cfg)
     if state.is_main_process:
         _prepare_output_dir(out, cfg.resume)
     state.wait_for_everyone()
 
     meter = SessionMeter()
-    trainer = _build_trainer(cfg, args, tokenizer, train_rows, eval_rows, meter)
+    trainer = _build_trainer(cfg, args, tokenizer, model, train_rows, eval_rows, meter)
     checkpoint = stage.last_checkpoint(out) if cfg.resume else None
     if checkpoint:
         log.info("sft: resuming from %s", checkpoint)
@@ -379,7 +406,7 @@ def train(cfg: SFTStageConfig) -> dict:
         _save_model(trainer, cfg, tokenizer, tmp)
         state.wait_for_everyone()
         if state.is_main_process:
-            stage.publish(tmp, out)
+            outdir.replace_model(tmp, out, STALE_OUTPUTS)
             atomic_write_json(out / "manifest.json", _manifest(cfg, sources, metrics))
             atomic_write_text(out / "DONE", "")
     finally:

@@ -27,13 +27,13 @@ from transformers import set_seed
 from tqdm.auto import tqdm
 from trl import RewardConfig, RewardTrainer
 
-from posttrain import accel, backbone, stage
+from posttrain import accel, backbone, outdir, stage
 from posttrain.chat import render
 from posttrain.compat import checkpointing_args
-from posttrain.config import (ConfigError, LoRAConfig, ModelConfig, TrainConfig, check_choice, check_range, field,
-                              to_dict)
+from posttrain.config import (ConfigError, LoRAConfig, ModelConfig, TrainConfig, blame, check_choice, check_range,
+                              field, to_dict)
 from posttrain.tokenizer import load_tokenizer
-from posttrain.data import atomic_write_json, atomic_write_text, file_sha256, read_records
+from posttrain.data import atomic_write_json, atomic_write_text, file_sha256, read_records, surely_longer_than
 from rewards.packing import collate, response_rewards
 
 RESPONSE_KEYS = ("edited", "chosen", "rejected")  # rank order, best first
@@ -117,7 +117,7 @@ def _label(record: dict, dotted_key: str) -> Any:
 
 def load_preferences(cfg: RMStageConfig) -> tuple[list[dict], dict[str, int]]:
     """Read every file (RecordError `file:line: field: ...` on a bad record), keep clear preferences; with counts."""
-    records = [rec for path in cfg.data for rec in read_records(path, "preference")]
+    records = [rec for path in cfg.data for rec in read_records(path, "preference", strict=True)]
     keep = {label.strip().lower() for label in cfg.keep_labels}
     kept, low_margin, unclear_label = [], 0, 0
     for rec in records:
@@ -163,6 +163,10 @@ def encode_records(records: list[dict], tokenizer, *, max_length: int, seed: int
     rng = random.Random(seed)
     examples, too_long = [], 0
     for record in records:
+        if any(surely_longer_than(record["prompt"] + record[key], tokenizer, max_length)
+               for key in RESPONSE_KEYS if record.get(key)):
+            too_long += 1  # without tokenizing it whole
+            continue
         ex = encode_record(record, tokenizer)
         if len(ex["prompt_ids"]) + max(map(len, ex["response_ids"])) > max_length:
             too_long += 1
@@ -237,9 +241,15 @@ def _trainer_args(cfg: RMStageConfig, out: Path) -> RewardConfig:
 def _build_trainer(cfg: RMStageConfig, tokenizer, train_examples: list[dict], eval_examples: list[dict], out: Path):
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
     callbacks = stage.tensorboard(cfg.train.report_to, out / "logs")  # next to the model, not checkpoints/runs/<date>
+    model = _load_base(cfg, pad_id)
+    args = _trainer_args(cfg, out)
+    if args.distributed_state.is_main_process:  # before the trainer creates checkpoints/
+        outdir.claim(out, "rm")
+        shutil.rmtree(out / TMP_MODEL_DIR, ignore_errors=True)
+    args.distributed_state.wait_for_everyone()
     return _RMTrainer(
-        model=_load_base(cfg, pad_id),
-        args=_trainer_args(cfg, out),
+        model=model,
+        args=args,
         data_collator=functools.partial(collate, pad_id=pad_id, pack=cfg.pack_responses,
                                         max_length=cfg.train.max_length),
         train_dataset=Dataset.from_list(train_examples),
@@ -250,17 +260,9 @@ def _build_trainer(cfg: RMStageConfig, tokenizer, train_examples: list[dict], ev
 
 
 TMP_MODEL_DIR = ".rm-tmp"
-# Model files of an unfinished earlier attempt: removed before training so an adapter_config.json, say, cannot linger
-# beside merged weights (checkpoints stay, to resume from).
+# Model files of an unfinished earlier attempt: replaced with the new model, so an adapter_config.json, say, cannot
+# linger beside merged weights.
 STALE_OUTPUTS = ("manifest.json", "*.safetensors", "*.safetensors.index.json", "adapter_config.json", "*.bin")
-
-
-def _clear_stale_outputs(out: Path) -> None:
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.rmtree(out / TMP_MODEL_DIR, ignore_errors=True)
-    for pattern in STALE_OUTPUTS:
-        for stale in out.glob(pattern):
-            stale.unlink()
 
 
 def _save_rm(trainer, cfg: RMStageConfig, tokenizer, tmp: Path) -> str:
@@ -302,21 +304,22 @@ def _prepare_data(cfg: RMStageConfig, tokenizer) -> tuple[list[dict], list[dict]
 
 
 def train(cfg: RMStageConfig) -> dict:
-    """Train the RM into `cfg.train.output_dir`; returns its metrics (also in manifest.json). A dir with DONE is
-    finished and returned as is; one without resumes from its last checkpoint. Under `accelerate launch` every rank
-    builds the same data and trains; rank 0 writes the model, manifest and DONE."""
+    """Train the RM into `cfg.train.output_dir`; returns its metrics (also in manifest.json). A dir with DONE of this
+    config and data is finished and returned as is, one of another refused (posttrain.outdir); one without DONE
+    resumes from its last checkpoint. Under `accelerate launch` every rank builds the same data and trains; rank 0
+    writes the model, manifest and DONE."""
     out = Path(cfg.train.output_dir)
-    if (out / "DONE").is_file():
-        return json.loads((out / "manifest.json").read_text())["metrics"]
-    tokenizer = backbone.load_tokenizer_for(cfg.model.path)
+    outdir.check_writable(out, "rm")
+    done = outdir.reuse_finished(out, "RM", to_dict(cfg), cfg.data, lambda m: list(m["inputs"].values()))
+    if done is not None:
+        return done["metrics"]
+    with blame("model.path"):
+        tokenizer = backbone.load_tokenizer_for(cfg.model.path)
     train_examples, eval_examples, counts = _prepare_data(cfg, tokenizer)  # bad records fail before any write
     trainer = _build_trainer(cfg, tokenizer, train_examples, eval_examples, out)
     if trainer.is_fsdp_enabled and cfg.lora.enabled:
         raise ConfigError("lora.enabled: LoRA runs under DDP (configs/accelerate/ddp.yaml); FSDP is for full weights")
     state = trainer.args.distributed_state
-    if state.is_main_process:
-        _clear_stale_outputs(out)
-    state.wait_for_everyone()
     checkpoints = out / "checkpoints"
     last_checkpoint = stage.last_checkpoint(checkpoints)
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
@@ -330,7 +333,7 @@ def train(cfg: RMStageConfig) -> dict:
         fmt = _save_rm(trainer, cfg, tokenizer, tmp)
         state.wait_for_everyone()
         if state.is_main_process:
-            stage.publish(tmp, out)
+            outdir.replace_model(tmp, out, STALE_OUTPUTS)
             manifest = {"stage": "rm", "format": fmt, "base_model": cfg.model.path,
                         "inputs": {str(path): file_sha256(path) for path in cfg.data},
                         "config": to_dict(cfg), "metrics": metrics, "versions": stage.versions()}
