@@ -3,6 +3,7 @@
 Llama 3 tokenizers get the exact Llama 3.1 format, token for token as Meta's `ChatFormat.encode_dialog_prompt`:
 `<|begin_of_text|>` then per message `<|start_header_id|>{role}<|end_header_id|>\\n\\n{content}<|eot_id|>`, where the
 role name, "\\n\\n" and the content are tokenised separately and special-token text inside content stays plain text.
+Tool-call turns are written by `posttrain.tools.write_calls` (python tag, call text, `<|eom_id|>` or `<|eot_id|>`).
 Other tokenizers (SmolLM2's ChatML) render through their own chat template; the mask is found by rendering once more
 with a sentinel in place of every content and diffing the two texts.
 """
@@ -15,9 +16,9 @@ from dataclasses import dataclass
 
 from posttrain.data import validate_messages
 from posttrain.tokenizer import BEGIN_OF_TEXT, END_HEADER, EOM, EOT, PYTHON_TAG, START_HEADER, STOP_IDS, is_llama3
-from posttrain.tools import CUSTOM_FORMATS, encode_tool_calls, format_tool_definitions, parse_tool_calls
+from posttrain.tools import CUSTOM_FORMATS, REFERENCES, format_tool_definitions, parse_tool_calls
 from posttrain.tools import PYTHON_TAG as PYTHON_TAG_TEXT
-from posttrain.tools import split_tool_definitions
+from posttrain.tools import split_tool_definitions, write_calls
 
 DEFAULT_DATE = "26 Jul 2024"
 KNOWLEDGE_CUTOFF = "December 2023"
@@ -29,7 +30,7 @@ _MAX_RUN_CHARS = 25_000
 _TERMINATOR_TEXTS = ("<|eot_id|>", "<|eom_id|>", "<|end_of_text|>", "<|im_end|>")
 # where a tool call written without the python tag may start, after some content
 _CALL_START = re.compile(
-    r"<function=|\[\s*(?:[A-Za-z_]\w*\(|\{)|\{\s*\"(?:type|name|function)\"|(?:brave_search|wolfram_alpha)\.call\("
+    r"<function=|\[\s*(?:[A-Za-z_][\w.]*\(|\{)|\{\s*\"(?:type|name|function)\"|(?:brave_search|wolfram_alpha)\.call\("
 )
 
 
@@ -49,11 +50,13 @@ def system_prompt(tools: list | None = None, system: str = "", *, date: str | No
                   tool_format: str = "json") -> str:
     """The Llama 3.1 system prompt: tool environment lines, dates, (pythonic: function definitions), then `system`.
 
-    `Environment: ipython` turns on the code interpreter; `Tools:` names brave_search/wolfram_alpha;
+    `Environment: ipython` turns on the code interpreter and is there for builtin tools and 3.1 custom formats (json,
+    function_tag), whose calls end with `<|eom_id|>`; the 3.2/3.3 pythonic prompt has no such line (its calls end
+    with `<|eot_id|>`, as in llama-models' llama3_2/text_prompt_format.md). `Tools:` names brave_search/wolfram_alpha;
     `date=None` leaves out the knowledge-cutoff and today lines.
     """
     builtins, custom = split_tool_definitions(tools or [])
-    lines = ["Environment: ipython"] if builtins or custom else []
+    lines = ["Environment: ipython"] if builtins or (custom and tool_format != "pythonic") else []
     named = [name for name in builtins if name != "code_interpreter"]
     if named:
         lines.append("Tools: " + ", ".join(named))
@@ -66,7 +69,8 @@ def system_prompt(tools: list | None = None, system: str = "", *, date: str | No
     return "\n\n".join(b for b in blocks if b)
 
 
-def _with_tool_prompts(messages: list[dict], tools: list, tool_format: str, date: str | None) -> list[dict]:
+def with_tool_prompts(messages: list[dict], tools: list, tool_format: str = "json",
+                      date: str | None = DEFAULT_DATE) -> list[dict]:
     """The dialog with the tool system prompt merged in, and (3.1 json/function_tag) a user turn defining functions."""
     system = messages[0]["content"] if messages[0]["role"] == "system" else ""
     body = messages[1:] if messages[0]["role"] == "system" else messages
@@ -84,22 +88,27 @@ def _trained_indices(messages: list[dict], train_on: str) -> set[int]:
 
 
 def render(messages: list[dict], tokenizer, *, tools: list | None = None, add_generation_prompt: bool = False,
-           train_on: str = "all", tool_format: str = "json", date: str | None = DEFAULT_DATE) -> Rendered:
+           train_on: str = "all", tool_format: str = "json", tool_reference: str = "prompt_format",
+           date: str | None = DEFAULT_DATE) -> Rendered:
     """Token ids, supervision mask and format mask of a dialog (messages in DESIGN.md form).
 
     `train_on="last"` trains only the last assistant turn; `tools` (builtin names and/or function definitions) adds the
-    Llama 3.1 tool system prompt; `tool_format` (json, function_tag, pythonic) says how custom calls are written.
+    Llama 3.1 tool system prompt; `tool_format` (json, function_tag, pythonic) says how custom calls are written, and
+    `tool_reference` whose way: "prompt_format" (what the models emit in llama-models' prompt-format documents) or
+    "chat_format" (as llama-models' ChatFormat encodes call turns); docs/tool-formats.md has both.
     Bad messages raise RecordError (a ValueError) naming the message index and field.
     """
     if train_on not in TRAIN_ON:
         raise ValueError(f"train_on: {train_on!r}, expected one of {', '.join(TRAIN_ON)}")
     if tool_format not in CUSTOM_FORMATS:
         raise ValueError(f"tool_format: {tool_format!r}, expected one of {', '.join(CUSTOM_FORMATS)}")
+    if tool_reference not in REFERENCES:
+        raise ValueError(f"tool_reference: {tool_reference!r}, expected one of {', '.join(REFERENCES)}")
     messages = validate_messages(messages, "messages")
     if not is_llama3(tokenizer):
         return _render_template(messages, tokenizer, tools or None, add_generation_prompt, train_on)
     if tools:
-        messages = _with_tool_prompts(messages, tools, tool_format, date)
+        messages = with_tool_prompts(messages, tools, tool_format, date)
     trained = _trained_indices(messages, train_on)
     ids, mask, fmt = [BEGIN_OF_TEXT], [False], [False]
 
@@ -109,16 +118,18 @@ def render(messages: list[dict], tokenizer, *, tools: list | None = None, add_ge
         fmt.extend([is_format] * len(piece))
 
     for i, msg in enumerate(messages):
+        train = i in trained
+        turn = write_calls(msg["tool_calls"], tool_format, tool_reference) if msg.get("tool_calls") else None
         add(_header(tokenizer, msg["role"]), train=False, is_format=True)
-        add(encode_text(tokenizer, msg["content"]), train=i in trained, is_format=False)
-        calls = msg.get("tool_calls") or []
-        if calls:
-            text = encode_tool_calls(calls, tool_format)
-            if text.startswith(PYTHON_TAG_TEXT):
-                add([PYTHON_TAG], train=i in trained, is_format=False)
-                text = text[len(PYTHON_TAG_TEXT):]
-            add(encode_text(tokenizer, text), train=i in trained, is_format=False)
-        add([EOM if calls else EOT], train=i in trained, is_format=True)
+        if turn and turn.python_tag and turn.tag_before_content:
+            add([PYTHON_TAG], train=train, is_format=False)
+        add(encode_text(tokenizer, msg["content"]), train=train, is_format=False)
+        if turn:
+            if turn.python_tag and not turn.tag_before_content:
+                add([PYTHON_TAG], train=train, is_format=False)
+            for piece in turn.pieces:
+                add(encode_text(tokenizer, piece), train=train, is_format=False)
+        add([EOM if turn and turn.eom else EOT], train=train, is_format=True)
     if add_generation_prompt:
         add(_header(tokenizer, "assistant"), train=False, is_format=True)
     return Rendered(ids, mask, fmt)

@@ -1,13 +1,19 @@
-"""Tool-call wire formats of Llama 3.1-3.3, stated once: encode a message's tool calls to text and parse them back.
+"""Tool-call wire formats of Llama 3.1-3.3, stated once: write a message's tool calls as text and parse them back.
 
-Formats of an assistant turn that calls tools (the turn then ends with `<|eom_id|>`):
-- builtin (3.1): `<|python_tag|>brave_search.call(query="...")`, same for wolfram_alpha; always used for those two.
-- code_interpreter (3.1): `<|python_tag|>` + the raw code; it must be the only call of its turn.
-- json (3.1): `<|python_tag|>{"type": "function", "name": NAME, "parameters": {...}}`, one call per line.
-- function_tag (3.1): `<function=NAME>{...json arguments...}</function>`, one per line, no python tag.
-- pythonic (3.2/3.3): `[f(a=1, b="x"), g()]`, several calls in one list, no python tag.
-The python tag placement follows the model outputs in llama-models' llama3_1/prompt_format.md (builtin, code and
-JSON calls start with it); the JSON object carries `"type": "function"` as Meta's ChatFormat encodes it.
+Two references say how a call turn is written; docs/tool-formats.md tabulates both, format by format.
+- "prompt_format" (default): what the models emit in the prompt-format documents of llama-models
+  (llama3_1/prompt_format.md, llama3_2/text_prompt_format.md; llama3_3/prompt_format.md repeats them).
+  builtin: `<|python_tag|>brave_search.call(query="...")<|eom_id|>` (wolfram_alpha alike);
+  code_interpreter: `<|python_tag|>` + raw code + `<|eom_id|>`, the only call of its turn;
+  json (3.1): `<|python_tag|>` + `{"type": "function", "name": ..., "parameters": {...}}` indented by 4 + `<|eom_id|>`;
+  function_tag (3.1): `<function=NAME>{...}</function><|eot_id|>`, no python tag;
+  pythonic (3.2/3.3): `[f(a=1, b='x'), pkg.g()]<|eot_id|>`, no python tag, values as Python literals.
+  A turn opens with the python tag exactly when it ends with `<|eom_id|>` (an executor must run something).
+- "chat_format": as `llama_models.llama3.chat_format.ChatFormat.encode_dialog_prompt` writes a message with
+  `stop_reason=end_of_message`: every call turn ends with `<|eom_id|>`; the python tag only when the first call is
+  code_interpreter, and then before the turn's content; each call written and tokenised on its own, back to back
+  (`[f(a="x")][g()]`, compact ASCII JSON). Where ChatFormat's text would not parse (quotes inside a string, a dict
+  in a pythonic call) a valid literal is written instead.
 Calls use the message form of DESIGN.md: `{"type": "function", "function": {"name": str, "arguments": {...}}}`.
 """
 
@@ -15,7 +21,10 @@ from __future__ import annotations
 
 import ast
 import json
+import keyword
+import math
 import re
+from dataclasses import dataclass
 from typing import Any
 
 PYTHON_TAG = "<|python_tag|>"
@@ -23,9 +32,25 @@ BUILTIN_TOOLS = ("brave_search", "wolfram_alpha", "code_interpreter")
 QUERY_TOOLS = ("brave_search", "wolfram_alpha")  # called as NAME.call(query="...")
 FORMATS = ("builtin", "json", "function_tag", "pythonic")
 CUSTOM_FORMATS = ("json", "function_tag", "pythonic")  # how custom (JSON-defined) functions are called
+REFERENCES = ("prompt_format", "chat_format")
 
 _FUNCTION_TAG = re.compile(r"<function=([^>\s]+)>(.*?)(?:</function>|$)", re.DOTALL)
-_IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+_BUILTIN_CALL = re.compile(  # brave_search.call(query="...") with a quoted Python string
+    "(" + "|".join(QUERY_TOOLS) + r""")\.call\(\s*query\s*=\s*("(?:[^"\\\n]|\\.)*"|'(?:[^'\\\n]|\\.)*')\s*\)""")
+
+
+@dataclass(frozen=True)
+class CallTurn:
+    """How an assistant turn's tool calls are written after (or around) its content."""
+
+    pieces: tuple[str, ...]  # call text, each piece tokenised on its own, in order
+    python_tag: bool  # a <|python_tag|> token opens the calls
+    tag_before_content: bool  # ChatFormat's order: the tag comes before the turn's content
+    eom: bool  # the turn ends with <|eom_id|> (waiting for results), else <|eot_id|>
+
+    @property
+    def text(self) -> str:
+        return (PYTHON_TAG if self.python_tag else "") + "".join(self.pieces)
 
 
 def make_call(name: str, arguments: dict) -> dict:
@@ -52,6 +77,10 @@ def call_name_args(call: Any, where: str = "tool_calls[0]") -> tuple[str, dict]:
     return name, args
 
 
+def _is_identifier(name: str) -> bool:
+    return name.isidentifier() and not keyword.iskeyword(name)
+
+
 def _builtin_text(name: str, args: dict, where: str) -> str:
     if name == "code_interpreter":
         if set(args) != {"code"} or not isinstance(args["code"], str):
@@ -59,40 +88,52 @@ def _builtin_text(name: str, args: dict, where: str) -> str:
         return args["code"]
     if set(args) != {"query"} or not isinstance(args["query"], str):
         raise ValueError(f"{where}.function.arguments: {name} takes exactly {{'query': str}}")
-    return f"{name}.call(query={_py_literal(args['query'])})"
+    return f"{name}.call(query={json.dumps(args['query'], ensure_ascii=False)})"
 
 
-def _py_literal(value: Any) -> str:
-    """A Python literal for a JSON value: strings in double quotes, True/False/None, dicts as Python dicts."""
+def _py_literal(value: Any, style: str) -> str:
+    """A Python literal for a JSON value. prompt_format: Python's own repr (strings in single quotes, as the 3.2
+    model writes them); chat_format: strings in double quotes, as ChatFormat writes them."""
     if isinstance(value, str):
-        return json.dumps(value, ensure_ascii=False)
-    if isinstance(value, bool) or value is None:
+        return repr(value) if style == "prompt_format" else json.dumps(value, ensure_ascii=False)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(f"cannot write {value!r} as a pythonic tool argument")
+    if isinstance(value, (bool, int, float)) or value is None:
         return repr(value)
-    if isinstance(value, (int, float)):
-        return repr(value)
-    if isinstance(value, list):
-        return "[" + ", ".join(_py_literal(v) for v in value) + "]"
+    if isinstance(value, (list, tuple)):
+        items = ", ".join(_py_literal(v, style) for v in value)
+        return f"[{items}]" if isinstance(value, list) else f"({items}{',' if len(value) == 1 else ''})"
     if isinstance(value, dict):
-        return "{" + ", ".join(f"{_py_literal(str(k))}: {_py_literal(v)}" for k, v in value.items()) + "}"
+        return "{" + ", ".join(f"{_py_literal(str(k), style)}: {_py_literal(v, style)}" for k, v in value.items()) + "}"
     raise ValueError(f"cannot write a {type(value).__name__} as a pythonic tool argument")
 
 
-def _pythonic_call(name: str, args: dict, where: str) -> str:
-    if not _IDENTIFIER.fullmatch(name):
-        raise ValueError(f"{where}.function.name: {name!r} is not a Python identifier (pythonic format)")
-    bad = [k for k in args if not _IDENTIFIER.fullmatch(k)]
+def _pythonic_call(name: str, args: dict, where: str, style: str) -> str:
+    """`name(k=v, ...)`; a dotted name (`math.factorial`) is written as it is, each part a Python identifier."""
+    if not all(_is_identifier(part) for part in name.split(".")):
+        raise ValueError(f"{where}.function.name: {name!r} is not a Python identifier or dotted name (pythonic format)")
+    bad = [k for k in args if not _is_identifier(k)]
     if bad:
         raise ValueError(f"{where}.function.arguments: {bad[0]!r} is not a Python identifier (pythonic format)")
-    return f"{name}(" + ", ".join(f"{k}={_py_literal(v)}" for k, v in args.items()) + ")"
+    return f"{name}(" + ", ".join(f"{k}={_py_literal(v, style)}" for k, v in args.items()) + ")"
 
 
-def encode_tool_calls(calls: list, fmt: str = "json") -> str:
-    """The text of an assistant turn's tool calls (after its content, before `<|eom_id|>`); may start with the python tag.
+def _custom_text(name: str, args: dict, fmt: str, where: str, reference: str) -> str:
+    """One custom call in json or function_tag form."""
+    if fmt == "builtin":
+        raise ValueError(f"{where}.function.name: {name!r} is not a builtin tool ({', '.join(BUILTIN_TOOLS)})")
+    ascii_only = reference == "chat_format"  # ChatFormat uses json.dumps' defaults
+    if fmt == "json":
+        obj = {"type": "function", "name": name, "parameters": args}
+        return json.dumps(obj, ensure_ascii=ascii_only, indent=None if ascii_only else 4)
+    return f"<function={name}>{json.dumps(args, ensure_ascii=ascii_only)}</function>"
 
-    `fmt` says how custom functions are written; builtin tools always take their builtin form.
-    """
+
+def _checked_calls(calls: Any, fmt: str, reference: str) -> list[tuple[str, dict]]:
     if fmt not in FORMATS:
         raise ValueError(f"tool format {fmt!r}: expected one of {', '.join(FORMATS)}")
+    if reference not in REFERENCES:
+        raise ValueError(f"tool reference {reference!r}: expected one of {', '.join(REFERENCES)}")
     if not isinstance(calls, list) or not calls:
         raise ValueError("tool_calls: expected a non-empty list")
     parsed = [call_name_args(c, f"tool_calls[{j}]") for j, c in enumerate(calls)]
@@ -100,58 +141,47 @@ def encode_tool_calls(calls: list, fmt: str = "json") -> str:
     if "code_interpreter" in names and len(parsed) > 1:
         at = names.index("code_interpreter")
         raise ValueError(f"tool_calls[{at}]: code_interpreter must be the only call of its turn")
-    lines: list[str] = []
-    group: list[str] = []  # consecutive pythonic calls share one list
+    return parsed
+
+
+def write_calls(calls: list, fmt: str = "json", reference: str = "prompt_format") -> CallTurn:
+    """How an assistant turn writes `calls`: custom functions in `fmt`, builtin tools always in their builtin form."""
+    parsed = _checked_calls(calls, fmt, reference)
+    texts: list[str] = []
+    group: list[str] = []  # prompt_format: consecutive pythonic calls share one list
     for j, (name, args) in enumerate(parsed):
         where = f"tool_calls[{j}]"
         if fmt == "pythonic" and name not in BUILTIN_TOOLS:
-            group.append(_pythonic_call(name, args, where))
+            call = _pythonic_call(name, args, where, reference)
+            if reference == "chat_format":
+                texts.append(f"[{call}]")
+            else:
+                group.append(call)
             continue
         if group:
-            lines.append("[" + ", ".join(group) + "]")
+            texts.append("[" + ", ".join(group) + "]")
             group = []
-        if name in BUILTIN_TOOLS:
-            lines.append(_builtin_text(name, args, where))
-        elif fmt == "builtin":
-            raise ValueError(f"{where}.function.name: {name!r} is not a builtin tool ({', '.join(BUILTIN_TOOLS)})")
-        elif fmt == "json":
-            lines.append(json.dumps({"type": "function", "name": name, "parameters": args}, ensure_ascii=False))
-        else:
-            lines.append(f"<function={name}>{json.dumps(args, ensure_ascii=False)}</function>")
+        texts.append(_builtin_text(name, args, where) if name in BUILTIN_TOOLS
+                     else _custom_text(name, args, fmt, where, reference))
     if group:
-        lines.append("[" + ", ".join(group) + "]")
-    tagged = fmt == "json" or any(name in BUILTIN_TOOLS for name in names)
-    return (PYTHON_TAG if tagged else "") + "\n".join(lines)
+        texts.append("[" + ", ".join(group) + "]")
+    if reference == "chat_format":
+        return CallTurn(tuple(texts), python_tag=parsed[0][0] == "code_interpreter", tag_before_content=True, eom=True)
+    tagged = fmt == "json" or any(name in BUILTIN_TOOLS for name, _ in parsed)
+    return CallTurn(("\n".join(texts),), python_tag=tagged, tag_before_content=False, eom=tagged)
 
 
-def _parse_builtin(line: str) -> dict | None:
-    try:
-        node = ast.parse(line.strip(), mode="eval").body
-    except SyntaxError:
-        return None
-    if not (isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and node.func.attr == "call"
-            and isinstance(node.func.value, ast.Name) and node.func.value.id in QUERY_TOOLS and not node.args):
-        return None
-    try:
-        args = {kw.arg: ast.literal_eval(kw.value) for kw in node.keywords if kw.arg}
-    except ValueError:
-        return None
-    return make_call(node.func.value.id, args)
+def encode_tool_calls(calls: list, fmt: str = "json", reference: str = "prompt_format") -> str:
+    """The text of an assistant turn's tool calls (after its content, before the terminator); may start with the
+    python tag. `fmt` says how custom functions are written; builtin tools always take their builtin form."""
+    return write_calls(calls, fmt, reference).text
 
 
-def _parse_json_calls(text: str) -> list[dict] | None:
-    """A JSON call object, a JSON list of them, or one object per line."""
-    try:
-        value = json.loads(text)
-    except json.JSONDecodeError:
-        lines = [line for line in text.splitlines() if line.strip()]
-        if len(lines) < 2:
-            return None
-        calls = [_parse_json_calls(line) for line in lines]
-        return None if any(c is None for c in calls) else [c for group in calls for c in group]
-    values = value if isinstance(value, list) and value else [value]
+def _json_calls(value: Any) -> list[dict] | None:
+    """The calls of a decoded JSON value: a call object or a non-empty list of them; None for other data."""
+    objects = value if isinstance(value, list) and value else [value]
     calls = []
-    for obj in values:
+    for obj in objects:
         if not isinstance(obj, dict):
             return None
         fn = obj["function"] if isinstance(obj.get("function"), dict) else obj
@@ -169,59 +199,79 @@ def _parse_json_calls(text: str) -> list[dict] | None:
     return calls
 
 
-def _parse_function_tags(text: str) -> list[dict] | None:
-    """`<function=NAME>{json}</function>` calls covering the whole text (the closing tag may be missing at the end)."""
-    calls, pos = [], 0
-    for m in _FUNCTION_TAG.finditer(text):
-        if text[pos:m.start()].strip():
-            return None
+def _calls_at(text: str, pos: int) -> tuple[list[dict], int] | None:
+    """The call(s) written from `pos` on, in any format, and where they end; None when no call starts there."""
+    if text[pos] in "{[":
+        try:
+            value, end = json.JSONDecoder().raw_decode(text, pos)
+        except json.JSONDecodeError:
+            pass  # a pythonic list, below
+        else:
+            calls = _json_calls(value)
+            return (calls, end) if calls else None
+    if m := _FUNCTION_TAG.match(text, pos):
         try:
             args = json.loads(m.group(2)) if m.group(2).strip() else {}
         except json.JSONDecodeError:
             return None
-        if not isinstance(args, dict):
-            return None
-        calls.append(make_call(m.group(1), args))
-        pos = m.end()
-    return calls if calls and not text[pos:].strip() else None
+        return ([make_call(m.group(1), args)], m.end()) if isinstance(args, dict) else None
+    if m := _BUILTIN_CALL.match(text, pos):
+        return [make_call(m.group(1), {"query": ast.literal_eval(m.group(2))})], m.end()
+    end = text.find("\n", pos)
+    end = len(text) if end < 0 else end
+    calls = _parse_pythonic(text[pos:end])
+    return (calls, end) if calls else None
+
+
+def _dotted_name(func: ast.expr) -> str | None:
+    """`f` or `pkg.mod.f` of a call node; None for anything else (a subscript, a call's result)."""
+    parts = []
+    while isinstance(func, ast.Attribute):
+        parts.append(func.attr)
+        func = func.value
+    if not isinstance(func, ast.Name):
+        return None
+    return ".".join([func.id, *reversed(parts)])
+
+
+def _list_items(node: ast.expr) -> list[ast.expr] | None:
+    """The items of `[f(), g()]`, or of one-call lists written back to back (`[f()][g()]`, ChatFormat's way, which
+    Python reads as subscripts of the first list)."""
+    tail: list[ast.expr] = []
+    while isinstance(node, ast.Subscript):
+        tail = (list(node.slice.elts) if isinstance(node.slice, ast.Tuple) else [node.slice]) + tail
+        node = node.value
+    if not isinstance(node, ast.List) or not node.elts:
+        return None
+    return [*node.elts, *tail]
 
 
 def _parse_pythonic(text: str) -> list[dict] | None:
-    """`[f(a=1), g()]`: a non-empty list of calls with keyword arguments only."""
+    """`[f(a=1), pkg.g()]`: a non-empty list of calls with keyword arguments only; dotted names are kept whole."""
     try:
         node = ast.parse(text.strip(), mode="eval").body
     except SyntaxError:
         return None
-    if not isinstance(node, ast.List) or not node.elts:
+    items = _list_items(node)
+    if items is None:
         return None
     calls = []
-    for elt in node.elts:
-        if not (isinstance(elt, ast.Call) and isinstance(elt.func, ast.Name)) or elt.args:
+    for item in items:
+        name = _dotted_name(item.func) if isinstance(item, ast.Call) else None
+        if name is None or item.args:
             return None
         try:
-            args = {kw.arg: ast.literal_eval(kw.value) for kw in elt.keywords}
+            args = {kw.arg: ast.literal_eval(kw.value) for kw in item.keywords}
         except ValueError:
             return None
         if None in args:  # **kwargs
             return None
-        calls.append(make_call(elt.func.id, args))
+        calls.append(make_call(name, args))
     return calls
 
 
-def _parse_line(line: str) -> list[dict] | None:
-    line = line.strip()
-    builtin = _parse_builtin(line)
-    if builtin is not None:
-        return [builtin]
-    for parse in (_parse_json_calls, _parse_function_tags, _parse_pythonic):
-        calls = parse(line)
-        if calls is not None:
-            return calls
-    return None
-
-
 def parse_tool_calls(text: str) -> list[dict] | None:
-    """The calls in `text` if all of it is tool calls (any format, python tag optional), else None.
+    """The calls in `text` if all of it is tool calls (any format or mix of formats, python tag optional), else None.
 
     After the python tag, text that is no call is code for code_interpreter (what Llama 3.1 emits for code).
     """
@@ -229,14 +279,17 @@ def parse_tool_calls(text: str) -> list[dict] | None:
     body = text[len(PYTHON_TAG):] if tagged else text
     if not body.strip():
         return None
-    calls = _parse_line(body)
-    if calls is not None:
-        return calls
-    lines = [line for line in body.splitlines() if line.strip()]
-    per_line = [_parse_line(line) for line in lines]
-    if len(lines) > 1 and all(c is not None for c in per_line):
-        return [c for group in per_line for c in group]
-    return [make_call("code_interpreter", {"code": body})] if tagged else None
+    calls, pos = [], 0
+    while True:
+        while pos < len(body) and body[pos].isspace():
+            pos += 1
+        if pos == len(body):
+            return calls
+        found = _calls_at(body, pos)
+        if found is None:
+            return [make_call("code_interpreter", {"code": body})] if tagged else None
+        calls += found[0]
+        pos = found[1]
 
 
 def split_tool_definitions(tools: Any, where: str = "tools") -> tuple[list[str], list[dict]]:
