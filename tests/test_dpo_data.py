@@ -50,7 +50,8 @@ def test_multi_turn_response_masks_headers_terminators_and_tool_output(tmp_path,
     (pair,), _ = build_pairs(_cfg(tmp_path, [TOOL_PAIR]), tok)
     ids, mask = pair["chosen_ids"], pair["chosen_mask"]
     trained = [i for i, m in zip(ids, mask) if m]
-    call = '<|python_tag|>{"type": "function", "name": "add", "parameters": {"a": 2, "b": 3}}'
+    call = ('<|python_tag|>{\n    "type": "function",\n    "name": "add",\n    "parameters": {\n        "a": 2,\n'
+            '        "b": 3\n    }\n}')
     assert tok.decode(trained) == call + "It is 5."
     untrained = tok.decode([i for i, m in zip(ids, mask) if not m])
     assert untrained == ("<|eom_id|><|start_header_id|>ipython<|end_header_id|>\n\n5<|eot_id|>"

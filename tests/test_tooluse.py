@@ -132,8 +132,8 @@ def test_custom_json_dialog(tmp_path, llama3_tokenizer):
         ("system", f"{HEAD}{DATES}<|eot_id|>", False),
         ("user", format_tool_definitions([WEATHER], "json") + "<|eot_id|>", False),
         ("user", "Weather in Paris, in celsius?<|eot_id|>", False),
-        ("assistant", '<|python_tag|>{"type": "function", "name": "get_weather", "parameters": {"city": "Paris", '
-                      '"unit": "celsius"}}<|eom_id|>', True),
+        ("assistant", '<|python_tag|>{\n    "type": "function",\n    "name": "get_weather",\n    "parameters": {\n'
+                      '        "city": "Paris",\n        "unit": "celsius"\n    }\n}<|eom_id|>', True),
         ("ipython", '{"temperature": 18, "condition": "cloudy"}<|eot_id|>', False),
         ("assistant", "It is 18 °C and cloudy in Paris.<|eot_id|>", True),
     ]
@@ -149,11 +149,11 @@ def test_function_tag_dialog(tmp_path, llama3_tokenizer):
     assert "<function=example_function_name>" in teacher.calls[0][0][0][1]["content"]  # the definitions turn
     rendered = chat.render(rec["messages"], llama3_tokenizer, tools=rec["tools"], tool_format="function_tag")
     assert turns(rendered, llama3_tokenizer)[3:] == [
-        ("assistant", call + "<|eom_id|>", True),
+        ("assistant", call + "<|eot_id|>", True),
         ("ipython", '{"amount": 230.0, "currency": "EUR"}<|eot_id|>', False),
         ("assistant", "250 US dollars is 230 euros.<|eot_id|>", True),
     ]
-    assert first_content_ids(rendered, 3)[1] == EOM and PYTHON_TAG not in rendered.ids
+    assert first_content_ids(rendered, 3)[1] == EOT and PYTHON_TAG not in rendered.ids
 
 
 def test_pythonic_list_dialog_with_parallel_calls(tmp_path, llama3_tokenizer):
@@ -164,9 +164,9 @@ def test_pythonic_list_dialog_with_parallel_calls(tmp_path, llama3_tokenizer):
     assert [m["role"] for m in rec["messages"]] == ["user", "assistant", "ipython", "ipython", "assistant"]
     rendered = chat.render(rec["messages"], llama3_tokenizer, tools=rec["tools"], tool_format="pythonic")
     got = turns(rendered, llama3_tokenizer)
-    assert got[0] == ("system", f"{HEAD}{DATES}\n\n{format_tool_definitions([WEATHER], 'pythonic')}<|eot_id|>", False)
+    assert got[0] == ("system", f"{DATES}\n\n{format_tool_definitions([WEATHER], 'pythonic')}<|eot_id|>", False)
     assert got[2:] == [
-        ("assistant", call + "<|eom_id|>", True),
+        ("assistant", "[get_weather(city='Paris'), get_weather(city='Tokyo', unit='fahrenheit')]<|eot_id|>", True),
         ("ipython", '{"city": "Paris", "temperature": 18, "unit": "celsius", "condition": "cloudy"}<|eot_id|>', False),
         ("ipython", '{"city": "Tokyo", "temperature": 75.2, "unit": "fahrenheit", "condition": "sunny"}<|eot_id|>',
          False),
@@ -212,10 +212,10 @@ def test_easy_query_answered_without_a_tool(tmp_path, llama3_tokenizer):
 # ---- what the teacher sees ----------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("fmt, native, name, as_text", [
-    ("pythonic", False, "get_weather", '[get_weather(city="Paris")]'),
-    ("pythonic", True, "get_weather", '[get_weather(city="Paris")]'),  # a Llama 3 renderer would write JSON
-    ("json", False, "get_weather", '<|python_tag|>{"type": "function", "name": "get_weather", "parameters": '
-                                   '{"city": "Paris"}}'),
+    ("pythonic", False, "get_weather", "[get_weather(city='Paris')]"),
+    ("pythonic", True, "get_weather", "[get_weather(city='Paris')]"),  # a Llama 3 renderer would write JSON
+    ("json", False, "get_weather", '<|python_tag|>{\n    "type": "function",\n    "name": "get_weather",\n'
+                                   '    "parameters": {\n        "city": "Paris"\n    }\n}'),
     ("json", True, "get_weather", None),  # structured: the teacher's own renderer writes it exactly
     ("pythonic", True, "brave_search", None),
     ("function_tag", False, "brave_search", '<|python_tag|>brave_search.call(query="Paris")'),
