@@ -22,15 +22,11 @@ RM_KIND = "rm"
 NORMALIZATIONS = ("none", "zscore", "minmax")
 
 
-def verifier_names() -> tuple[str, ...]:
-    from rewards.verifiable import VERIFIERS
-
-    return tuple(VERIFIERS)
-
-
 @dataclasses.dataclass
 class RewardSourceConfig:
-    kind: str = field("", help="rm (a trained reward model) or a verifier: answer, exact, regex, unit_tests, tool_call")
+    kind: str = field("", help="rm (a trained reward model) or a verifier: a built-in (answer, exact, regex, unit_tests, "
+                               "tool_call, json_schema, constraints), an entry point, or module:function "
+                               "(docs/verifiers.md)")
     weight: float = field(1.0, help="weight of this source in the summed reward")
     path: str = field("", help="reward model dir (kind rm only)")
     name: str = field("", help="key of this source in each sample's scores (default: kind)")
@@ -44,10 +40,19 @@ class RewardSourceConfig:
                                         "stage counts as passing in its metrics)")
 
     def __post_init__(self):
-        kinds = (RM_KIND, *verifier_names())
+        from rewards.verifiable import get_verifier, verifier_names
+
+        names = (RM_KIND, *verifier_names())
+        known = f"{', '.join(names)}, or module:function on the Python path"
         if not self.kind:
-            raise ConfigError(f"kind: missing; one of {', '.join(kinds)}")
-        check_choice("kind", self.kind, kinds)
+            raise ConfigError(f"kind: missing; one of {known}")
+        if self.kind not in names and ":" not in self.kind:
+            raise ConfigError(f"kind: {self.kind!r} is not one of {known}")
+        if self.kind != RM_KIND:
+            try:
+                get_verifier(self.kind)
+            except ValueError as e:
+                raise ConfigError(f"kind: {e}") from None
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_range("batch_size", self.batch_size, low=1)
         if self.kind == RM_KIND and not self.path:
@@ -112,9 +117,9 @@ class RewardComposer:
             prompts, tools = [r["messages"] for r in records], [r.get("tools") for r in records]
             scores = self._reward_model(source).score(prompts, messages, batch_size=source.batch_size, tools=tools)
             return [float(s) for s in scores]
-        from rewards.verifiable import VERIFIERS
+        from rewards.verifiable import get_verifier
 
-        verify = VERIFIERS[source.kind]
+        verify = get_verifier(source.kind)
         return [float(verify(m, _verifier_meta(source, r))) for r, m in zip(records, messages)]
 
     def gates(self) -> dict[str, float]:

@@ -1,18 +1,26 @@
-"""Rule-based (verifiable) rewards: final-answer match, exact and regex match, unit tests in the sandbox, tool calls.
+"""Rule-based (verifiable) rewards: final-answer match, exact and regex match, unit tests in the sandbox, tool calls,
+JSON against a schema, instruction constraints (rewards/constraints.py).
 
-Every verifier in `VERIFIERS` is `fn(message | text, meta) -> float` in [0, 1], where `meta` is the prompt record's
-`meta` (merged over the reward source's options): {"answer": 62}, {"pattern": "..."}, {"tests": "..."},
-{"tools": [...]}.
+A verifier is `fn(message | text, meta) -> float` in [0, 1], where `meta` is the prompt record's `meta` merged over
+the reward source's options: {"answer": 62}, {"pattern": "..."}, {"tests": "..."}, {"tools": [...]},
+{"schema": {...}}, {"constraints": [...]}. `get_verifier(name)` finds one by name: a built-in of `VERIFIERS`, an
+entry point of an installed package, or `module:function`; docs/verifiers.md lists them with the meta each reads.
 """
 
 from __future__ import annotations
 
+import importlib
+import importlib.metadata
+import inspect
+import json
 import math
+import operator
 import re
 from collections.abc import Callable
 from typing import Any
 
 from posttrain.tools import call_name_args, split_tool_definitions
+from rewards.constraints import constraints_score
 
 # A number as people write it: sign, thousands separators, decimals (also "62."), exponent.
 _NUMBER = r"[-+\u2212]?(?:(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?"
@@ -193,8 +201,10 @@ _JSON_TYPES: dict[str, Callable[[Any], bool]] = {
 
 
 def schema_errors(value: Any, schema: dict, where: str = "arguments") -> list[str]:
-    """Why `value` fails `schema`, for the JSON-schema subset of function definitions: type (one or a list),
-    properties, required, enum, items, additionalProperties (false or a schema). Other keywords are ignored."""
+    """Why `value` fails `schema`, for a JSON-schema subset: type (one or a list), enum, const, anyOf; minimum,
+    maximum, exclusiveMinimum, exclusiveMaximum; minLength, maxLength, pattern (searched, as JSON Schema does);
+    properties, required, additionalProperties (false or a schema); items (one schema), minItems, maxItems.
+    Other keywords are ignored."""
     types = schema.get("type")
     if types is not None:
         names = [types] if isinstance(types, str) else list(types)
@@ -205,6 +215,36 @@ def schema_errors(value: Any, schema: dict, where: str = "arguments") -> list[st
             return [f"{where}: expected {' or '.join(names)}, got {type(value).__name__}"]
     if "enum" in schema and value not in schema["enum"]:
         return [f"{where}: {value!r} is not one of {schema['enum']!r}"]
+    if "const" in schema and value != schema["const"]:
+        return [f"{where}: {value!r} is not {schema['const']!r}"]
+    if "anyOf" in schema and all(schema_errors(value, option, where) for option in schema["anyOf"]):
+        return [f"{where}: matches none of anyOf"]
+    return _bound_errors(value, schema, where) + _container_errors(value, schema, where)
+
+
+# keyword -> the test a value (a number, or the length of a string or array) must pass against the keyword's bound
+_BOUNDS = {"minimum": operator.ge, "maximum": operator.le, "exclusiveMinimum": operator.gt,
+           "exclusiveMaximum": operator.lt}
+_SIZES = {"minLength": (str, operator.ge), "maxLength": (str, operator.le),
+          "minItems": (list, operator.ge), "maxItems": (list, operator.le)}
+
+
+def _bound_errors(value: Any, schema: dict, where: str) -> list[str]:
+    """Numeric bounds, string and array sizes, string pattern."""
+    errors = []
+    if _JSON_TYPES["number"](value):
+        errors += [f"{where}: {key} {schema[key]!r}, got {value!r}" for key, ok in _BOUNDS.items()
+                   if key in schema and not ok(value, schema[key])]
+    for key, (kind, ok) in _SIZES.items():
+        if key in schema and isinstance(value, kind) and not ok(len(value), schema[key]):
+            errors.append(f"{where}: {key} {schema[key]!r}, got length {len(value)}")
+    if isinstance(value, str) and "pattern" in schema and not re.search(schema["pattern"], value):
+        errors.append(f"{where}: {value!r} does not match pattern {schema['pattern']!r}")
+    return errors
+
+
+def _container_errors(value: Any, schema: dict, where: str) -> list[str]:
+    """Object properties (required, additional) and array items, recursively."""
     errors = []
     if isinstance(value, dict):
         properties = schema.get("properties", {})
@@ -266,7 +306,43 @@ def tool_call_valid(message: dict | str, tools: list) -> float:
     return float(not tool_call_errors(message, tools))
 
 
+# ---- JSON output ------------------------------------------------------------------------------------------------
+
+def extract_json(text: str) -> tuple[bool, Any]:
+    """(True, value) for the JSON of a response, by the first rule that applies: the whole text is JSON; a fenced
+    ``` block is (the first that parses); an object or array inside the text is (the first that parses).
+    (False, None) when none applies; `null` is a value, so the flag says whether one was found."""
+    candidates = [text.strip(), *(body for _, body in _CODE_FENCE.findall(text))]
+    for candidate in candidates:
+        try:
+            return True, json.loads(candidate)
+        except ValueError:
+            continue
+    decoder = json.JSONDecoder()
+    for start in re.finditer(r"[{\[]", text):
+        try:
+            return True, decoder.raw_decode(text, start.start())[0]
+        except ValueError:
+            continue
+    return False, None
+
+
+def json_schema_errors(text: dict | str, schema: dict) -> list[str]:
+    """Why the response's JSON (`extract_json`) fails `schema` (`schema_errors`); ["no JSON found"] without one."""
+    found, value = extract_json(message_text(text))
+    return schema_errors(value, schema, "response") if found else ["no JSON found"]
+
+
+def json_schema_match(text: dict | str, schema: dict) -> float:
+    """1.0 when the response holds JSON that satisfies `schema`."""
+    return float(not json_schema_errors(text, schema))
+
+
 # ---- registry ----------------------------------------------------------------------------------------------------
+
+Verifier = Callable[[dict | str, dict], float]
+ENTRY_POINT_GROUP = "posttrain.verifiers"
+
 
 def _need(meta: dict, key: str, verifier: str) -> Any:
     if key not in meta:
@@ -280,11 +356,79 @@ def _verify_unit_tests(message: dict | str, meta: dict) -> float:
     return unit_tests(message, _need(meta, "tests", "unit_tests"), **limits)
 
 
-VERIFIERS: dict[str, Callable[[dict | str, dict], float]] = {
+def _verify_json_schema(message: dict | str, meta: dict) -> float:
+    schema = _need(meta, "schema", "json_schema")
+    if not isinstance(schema, dict):
+        raise ValueError(f"meta.schema: expected a JSON schema (a mapping), got {schema!r}")
+    return json_schema_match(message, schema)
+
+
+def _verify_constraints(message: dict | str, meta: dict) -> float:
+    strict = meta.get("strict", True)
+    if not isinstance(strict, bool):
+        raise ValueError(f"meta.strict: expected true or false, got {strict!r}")
+    return constraints_score(message_text(message), _need(meta, "constraints", "constraints"), strict=strict)
+
+
+VERIFIERS: dict[str, Verifier] = {
     "answer": lambda m, meta: answer_match(m, _need(meta, "answer", "answer"), rel_tol=meta.get("rel_tol", 1e-6),
                                            abs_tol=meta.get("abs_tol", 1e-9)),
     "exact": lambda m, meta: exact_match(m, _need(meta, "answer", "exact")),
     "regex": lambda m, meta: regex_match(m, _need(meta, "pattern", "regex")),
     "unit_tests": _verify_unit_tests,
     "tool_call": lambda m, meta: tool_call_valid(m, _need(meta, "tools", "tool_call")),
+    "json_schema": _verify_json_schema,
+    "constraints": _verify_constraints,
 }
+"""The built-in verifiers; `get_verifier` also finds plug-ins."""
+
+
+def _entry_points() -> dict[str, importlib.metadata.EntryPoint]:
+    return {ep.name: ep for ep in importlib.metadata.entry_points(group=ENTRY_POINT_GROUP)}
+
+
+def verifier_names() -> tuple[str, ...]:
+    """The built-in verifiers, then the entry points installed packages register in group posttrain.verifiers."""
+    return (*VERIFIERS, *sorted(set(_entry_points()) - set(VERIFIERS)))
+
+
+def _callable_verifier(name: str, fn: Any) -> Verifier:
+    if not callable(fn):
+        raise ValueError(f"verifier {name!r}: {fn!r} is not callable")
+    try:
+        inspect.signature(fn).bind(None, None)
+    except TypeError:
+        raise ValueError(f"verifier {name!r}: takes {inspect.signature(fn)}, but a verifier is called as "
+                         "fn(message, meta)") from None
+    except ValueError:
+        pass  # no signature to read (some builtins): the first call will tell
+    return fn
+
+
+def get_verifier(name: str) -> Verifier:
+    """The verifier called `name`: a built-in, an entry point in group posttrain.verifiers, or `module:function`
+    (`module:Class.method` too) importable from the Python path. A ValueError names `name` when none resolves."""
+    if name in VERIFIERS:
+        return VERIFIERS[name]
+    entry_points = _entry_points()
+    if name in entry_points:
+        try:
+            return _callable_verifier(name, entry_points[name].load())
+        except (ImportError, AttributeError) as e:
+            raise ValueError(f"verifier {name!r}: entry point {entry_points[name].value!r} in group "
+                             f"{ENTRY_POINT_GROUP} does not load ({e})") from e
+    module_name, colon, attribute = name.partition(":")
+    if not colon:
+        raise ValueError(f"verifier {name!r}: unknown; known: {', '.join(verifier_names())}, or module:function "
+                         "on the Python path")
+    if not module_name or not attribute:
+        raise ValueError(f"verifier {name!r}: expected module:function")
+    try:
+        target = importlib.import_module(module_name)
+    except ImportError as e:
+        raise ValueError(f"verifier {name!r}: cannot import module {module_name!r} ({e})") from e
+    for part in attribute.split("."):
+        if not hasattr(target, part):
+            raise ValueError(f"verifier {name!r}: module {module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, part)
+    return _callable_verifier(name, target)
