@@ -1,9 +1,11 @@
-"""Rule-based rewards: answer extraction and matching, exact/regex, unit tests in the sandbox, tool-call validity."""
+"""Rule-based rewards: answer extraction and matching, exact/regex, unit tests in the sandbox, tool-call validity,
+JSON against a schema."""
 
 import pytest
 
-from rewards.verifiable import (VERIFIERS, answer_match, exact_match, extract_code, extract_final_answer,
-                                regex_match, schema_errors, tool_call_errors, tool_call_valid, unit_tests)
+from rewards.verifiable import (VERIFIERS, answer_match, exact_match, extract_code, extract_final_answer, extract_json,
+                                json_schema_errors, json_schema_match, regex_match, schema_errors, tool_call_errors,
+                                tool_call_valid, unit_tests)
 from synth.sandbox import isolation_available
 
 
@@ -192,7 +194,7 @@ def test_schema_errors_nested():
 
 
 def test_registry_names_and_signature():
-    assert set(VERIFIERS) == {"answer", "exact", "regex", "unit_tests", "tool_call"}
+    assert set(VERIFIERS) == {"answer", "exact", "regex", "unit_tests", "tool_call", "json_schema", "constraints"}
     message = {"role": "assistant", "content": "The answer is 62."}
     assert VERIFIERS["answer"](message, {"answer": 62}) == 1.0
     assert VERIFIERS["answer"](message, {"answer": 63}) == 0.0
@@ -210,3 +212,81 @@ def test_registry_unit_tests():
     message = {"role": "assistant", "content": "```python\ndef add(a, b):\n    return a + b\n```"}
     assert VERIFIERS["unit_tests"](message, {"tests": ADD_TESTS, "timeout_s": 5}) == 1.0
     assert VERIFIERS["unit_tests"](message, {"tests": "assert add(1, 1) == 3"}) == 0.0
+
+
+@pytest.mark.parametrize("schema, value, errors", [
+    ({"type": "integer", "minimum": 1, "maximum": 5}, 5, []),
+    ({"type": "integer", "minimum": 1, "maximum": 5}, 0, ["v: minimum 1, got 0"]),
+    ({"type": "number", "exclusiveMaximum": 1}, 1.0, ["v: exclusiveMaximum 1, got 1.0"]),
+    ({"type": "number", "exclusiveMinimum": 0, "maximum": 1}, 2, ["v: maximum 1, got 2"]),
+    ({"minimum": 0}, True, []),  # a boolean is not a number: numeric bounds do not apply
+    ({"type": "string", "minLength": 2, "maxLength": 3}, "abcd", ["v: maxLength 3, got length 4"]),
+    ({"type": "string", "pattern": "^[A-Z]{3}$"}, "ABC", []),
+    ({"type": "string", "pattern": "[0-9]"}, "a1b", []),  # unanchored, as JSON Schema searches
+    ({"type": "string", "pattern": "^[A-Z]{3}$"}, "ABCD", ["v: 'ABCD' does not match pattern '^[A-Z]{3}$'"]),
+    ({"type": "array", "minItems": 2}, [1], ["v: minItems 2, got length 1"]),
+    ({"type": "array", "maxItems": 1, "items": {"type": "string"}}, ["a", 2],
+     ["v: maxItems 1, got length 2", "v[1]: expected string, got int"]),
+    ({"const": "yes"}, "no", ["v: 'no' is not 'yes'"]),
+    ({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]}, 3, []),
+    ({"anyOf": [{"type": "string"}, {"type": "integer", "minimum": 0}]}, -3, ["v: matches none of anyOf"]),
+    ({"oneOf": [{"type": "string"}]}, 3, []),  # keywords outside the subset are ignored
+])
+def test_schema_errors_keywords(schema, value, errors):
+    assert schema_errors(value, schema, "v") == errors
+
+
+@pytest.mark.parametrize("text, found, value", [
+    ('{"a": 1}', True, {"a": 1}),
+    ("  [1, 2]\n", True, [1, 2]),
+    ("null", True, None),  # a found null is still found
+    ("42", True, 42),
+    ('Here you go:\n```json\n{"a": 1}\n```\nAnything else?', True, {"a": 1}),
+    ('```bash\nls -la\n```\n```\n{"b": 2}\n```', True, {"b": 2}),  # the first fenced block that parses
+    ('The result is {"a": {"b": [1, 2]}} as asked, and {"c": 3}.', True, {"a": {"b": [1, 2]}}),  # the first
+    ('Sets like {1, 2} are not JSON; this is: {"ok": true}', True, {"ok": True}),
+    ('{"a": 1,}', False, None),
+    ("no JSON here", False, None),
+    ("", False, None),
+])
+def test_extract_json(text, found, value):
+    assert extract_json(text) == (found, value)
+
+
+PERSON = {"type": "object", "required": ["name", "age"], "additionalProperties": False,
+          "properties": {"name": {"type": "string", "minLength": 1}, "age": {"type": "integer", "minimum": 0},
+                         "tags": {"type": "array", "items": {"type": "string"}, "maxItems": 2}}}
+
+
+@pytest.mark.parametrize("text, errors", [
+    ('{"name": "Ada", "age": 36}', []),
+    ('Sure! ```json\n{"name": "Ada", "age": 36, "tags": ["math"]}\n```', []),
+    ({"role": "assistant", "content": 'Result: {"name": "Ada", "age": 36.0}.'}, []),  # 36.0 is an integer
+    ('{"name": "", "age": -1}', ["response.name: minLength 1, got length 0", "response.age: minimum 0, got -1"]),
+    ('{"name": "Ada"}', ["response.age: required but missing"]),
+    ('{"name": "Ada", "age": 36, "email": "a@b.c"}', ["response.email: not an allowed property"]),
+    ('{"name": "Ada", "age": "36"}', ["response.age: expected integer, got str"]),
+    ('[{"name": "Ada", "age": 36}]', ["response: expected object, got list"]),
+    ("Ada is 36.", ["no JSON found"]),
+    ('{"name": "Ada", "age": 36', ["no JSON found"]),  # truncated
+])
+def test_json_schema_errors(text, errors):
+    assert json_schema_errors(text, PERSON) == errors
+    assert json_schema_match(text, PERSON) == float(not errors)
+
+
+def test_json_schema_verifier_reads_meta():
+    verify = VERIFIERS["json_schema"]
+    assert verify('{"n": 3}', {"schema": {"type": "object", "properties": {"n": {"type": "integer"}}}}) == 1.0
+    assert verify('{"n": "3"}', {"schema": {"type": "object", "properties": {"n": {"type": "integer"}}}}) == 0.0
+    with pytest.raises(ValueError, match="meta.schema: missing; the 'json_schema' verifier needs it"):
+        verify("{}", {})
+    with pytest.raises(ValueError, match="meta.schema: expected a JSON schema"):
+        verify("{}", {"schema": "object"})
+
+
+def test_tool_call_arguments_meet_bounds():
+    tools = [{"type": "function", "function": {"name": "wait", "parameters": {
+        "type": "object", "properties": {"seconds": {"type": "integer", "minimum": 1, "maximum": 60}}}}}]
+    assert tool_call_errors(call("wait", {"seconds": 90}), tools) == [
+        "tool_calls[0].function.arguments.seconds: maximum 60, got 90"]
