@@ -209,7 +209,7 @@ def _dataset_rows(path: Path) -> Iterator[tuple[str, Any]]:
         else:
             rows = pq.read_table(path).to_pylist()
     except (OSError, ValueError, pyarrow.ArrowException) as e:
-        kind = "an HF datasets dir" if path.is_dir() else "a parquet file"
+        kind = "HF datasets dir" if path.is_dir() else "parquet file"
         raise RecordError(f"{path}: not a readable {kind} ({' '.join(str(e).split())})") from None
     for i, row in enumerate(rows, start=1):
         yield f"{path}:row {i}", row

@@ -84,13 +84,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         where, rec = _find_record(args.file, args.index, args.kind)
     except (RecordError, FileNotFoundError) as e:
-        print(f"posttrain inspect: {e}", file=sys.stderr)
+        print(f"posttrain inspect: error: {e}", file=sys.stderr)
         return 2
     try:
         tokenizer = load_tokenizer(args.tokenizer)
         sections = _sections(rec, args.kind, tokenizer, args.train_on, args.tool_format)
     except (ValueError, FileNotFoundError) as e:
-        print(f"posttrain inspect: {where}: {e}", file=sys.stderr)
+        print(f"posttrain inspect: error: {where}: {e}", file=sys.stderr)
         return 2
     color = sys.stdout.isatty()
     print(f"== {where} (id {rec.get('id', '-')}, {args.kind}) ==")
