@@ -74,7 +74,8 @@ def test_bad_record_exits_2_with_file_and_line(tmp_path, capsys):
     good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
     path.write_text(json.dumps(good) + "\n" + json.dumps({"messages": [{"role": "robot", "content": "x"}]}) + "\n")
     assert main([str(path), "--index", "1"]) == 2
-    assert capsys.readouterr().err.startswith(f"posttrain inspect: {path}:2: messages[0].role: unknown role 'robot'")
+    assert capsys.readouterr().err.startswith(
+        f"posttrain inspect: error: {path}:2: messages[0].role: unknown role 'robot'")
     path.write_text(json.dumps(good) + "\n{not json\n")
     assert main([str(path), "--index", "1"]) == 2
     assert f"{path}:2: not valid JSON" in capsys.readouterr().err
