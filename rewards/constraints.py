@@ -5,10 +5,10 @@ A constraint is a dict `{"type": ..., **parameters}`; `constraint_results(text, 
 `constraints_score` is the share that hold. Counted types take any of `count` (exactly), `min`, `max` (inclusive):
 IFEval's "less than N" is `max: N - 1`, its "at least N" is `min: N`. docs/verifiers.md lists every type.
 
-Where IFEval's rules are clear they are kept (words are runs of letters, digits and "_"; a bullet is a line starting
-with "*" or "-"; paragraphs are split by the markdown divider ***). Deliberate differences: keywords match as whole
-words or phrases, case-insensitive (IFEval matches included keywords as substrings); sentences are split by rule,
-not by NLTK's punkt model, and `case` does not also detect the language.
+Where IFEval's rules are clear they are kept (words are runs of letters, digits and "_"; paragraphs are split by the
+markdown divider ***; an empty response follows nothing). Deliberate differences: keywords match as whole words or
+phrases, case-insensitive (IFEval matches included keywords as substrings); a bullet needs a space after its "*" or
+"-"; sentences are split by rule, not by NLTK's punkt model; `case` does not also detect the language.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def split_sentences(text: str) -> list[str]:
         token = last.rstrip(".").lower()
         abbreviated = (token in _ABBREVIATIONS or _DOTTED_LETTERS.fullmatch(token)
                        or (len(token) == 1 and token.isalpha() and last[0].isupper()))
-        if last.endswith(".") and abbreviated and "\n\n" not in end.group(0):
+        if last.endswith(".") and abbreviated and not _BLANK_LINE.search(end.group(0)):
             continue
         sentences.append(piece)
         start = end.end()
@@ -138,7 +138,7 @@ def check_constraints(constraints: list, where: str = "meta.constraints") -> Non
         at = f"{where}[{i}]"
         if not isinstance(c, dict) or "type" not in c:
             raise ValueError(f"{at}: expected a mapping with a type, got {c!r}")
-        kind = TYPES.get(c["type"])
+        kind = TYPES.get(c["type"]) if isinstance(c["type"], str) else None
         if kind is None:
             raise ValueError(f"{at}.type: unknown constraint {c['type']!r} (known: {', '.join(TYPES)})")
         allowed = kind.keys + (_COUNT_KEYS if kind.measure else ())

@@ -24,8 +24,8 @@ NORMALIZATIONS = ("none", "zscore", "minmax")
 
 @dataclasses.dataclass
 class RewardSourceConfig:
-    kind: str = field("", help="rm (a trained reward model) or a verifier: a built-in (answer, exact, regex, unit_tests, "
-                               "tool_call, json_schema, constraints), an entry point, or module:function "
+    kind: str = field("", help="rm (a trained reward model) or a verifier: a built-in (answer, exact, regex, "
+                               "unit_tests, tool_call, json_schema, constraints), an entry point, or module:function "
                                "(docs/verifiers.md)")
     weight: float = field(1.0, help="weight of this source in the summed reward")
     path: str = field("", help="reward model dir (kind rm only)")

@@ -27,6 +27,7 @@ def test_count_words(text, words):
     ("Really?! Yes", ["Really?!", "Yes"]),
     ("A heading\n\nBody text. More", ["A heading", "Body text.", "More"]),  # a blank line ends a sentence
     ("I said no. Then e.g. this.", ["I said no.", "Then e.g. this."]),
+    ("See Dr.\n \nNew paragraph.", ["See Dr.", "New paragraph."]),  # a blank line ends one even after "Dr."
     ("... !", []),  # no word: no sentence
 ])
 def test_split_sentences(text, sentences):
@@ -135,6 +136,7 @@ def test_loose_drops_a_preamble_line_or_markup():
     (["no_commas"], r"meta.constraints\[0\]: expected a mapping with a type"),
     ([{"type": "no_commas"}, {"type": "haiku"}], r"meta.constraints\[1\].type: unknown constraint 'haiku' \(known: "
                                                  r"word_count, sentence_count"),
+    ([{"type": ["no_commas"]}], r"meta.constraints\[0\].type: unknown constraint \['no_commas'\]"),
     ([{"type": "word_count", "minimum": 3}], r"meta.constraints\[0\].minimum: not a parameter of word_count "
                                              r"\(its parameters: count, min, max\)"),
     ([{"type": "no_commas", "count": 0}], r"\[0\].count: not a parameter of no_commas \(its parameters: none\)"),
