@@ -23,6 +23,7 @@ import os
 import secrets
 import shutil
 import signal
+import stat
 import subprocess
 import sys
 import tempfile
@@ -168,13 +169,30 @@ def _write_inputs(staging: Path, code: str, files: dict | None, stdin: str | byt
         target = staging / "in" / "files" / rel
         target.parent.mkdir(parents=True, exist_ok=True)
         if isinstance(content, os.PathLike):
-            shutil.copyfile(content, target)
+            _copy_host_file(Path(content), target, name)
         else:
             target.write_bytes(content.encode() if isinstance(content, str) else content)
     data = stdin.encode() if isinstance(stdin, str) else (stdin or b"")
     (staging / "stdin").write_bytes(data)
     for path in [staging / "in", *(staging / "in").rglob("*")]:  # the sandbox uid reads main.py
         path.chmod(0o755 if path.is_dir() else 0o644)
+
+
+def _copy_host_file(source: Path, target: Path, name: str) -> None:
+    """Copy the regular file `source` into the staging dir without following a symlink: a link (say, shipped in a
+    task's data) would otherwise hand the program whatever host file it points at."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)  # NONBLOCK: a FIFO must not hang us
+    except OSError as e:
+        if os.path.islink(source):
+            raise ValueError(f"files: {name!r}: {source} is a symlink; pass the file it points to") from None
+        raise ValueError(f"files: {name!r}: {source}: {e.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ValueError(f"files: {name!r}: {source} is not a regular file")
+    with os.fdopen(fd, "rb") as f:
+        with open(target, "wb") as out:
+            shutil.copyfileobj(f, out)
 
 
 def _read_capped(path: Path, max_bytes: int) -> tuple[str, bool]:
@@ -201,8 +219,8 @@ def run_python(code: str, *, timeout_s: float = 10, memory_mb: int = 512, cpu_s:
                disk_mb: int = 64, max_processes: int = 32) -> SandboxResult:
     """Run `code` as a script in the sandbox and return its (capped) output.
 
-    files: name -> content (str/bytes) or a host `Path` to copy; they appear in the working directory (which is
-    the cwd, not on sys.path). cpu_s: CPU seconds per process (default: timeout_s). disk_mb: size of each writable
+    files: name -> content (str/bytes) or a host `Path` to copy (a regular file: a symlink, FIFO or dir is refused
+    with ValueError); they appear in the working directory (which is the cwd, not on sys.path). cpu_s: CPU seconds per process (default: timeout_s). disk_mb: size of each writable
     tmpfs (working dir, /tmp, /dev/shm) and of the largest file. max_processes: processes and threads at once.
     python: the interpreter (default: this one's base install; a venv's python resolves to its base, without the
     venv's packages).
