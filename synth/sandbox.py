@@ -220,8 +220,9 @@ def run_python(code: str, *, timeout_s: float = 10, memory_mb: int = 512, cpu_s:
     """Run `code` as a script in the sandbox and return its (capped) output.
 
     files: name -> content (str/bytes) or a host `Path` to copy (a regular file: a symlink, FIFO or dir is refused
-    with ValueError); they appear in the working directory (which is the cwd, not on sys.path). cpu_s: CPU seconds per process (default: timeout_s). disk_mb: size of each writable
-    tmpfs (working dir, /tmp, /dev/shm) and of the largest file. max_processes: processes and threads at once.
+    with ValueError); they appear in the working directory (which is the cwd, not on sys.path). cpu_s: CPU seconds
+    per process (default: timeout_s). disk_mb: size of each writable tmpfs (working dir, /tmp, /dev/shm) and of the
+    largest file. max_processes: processes and threads at once.
     python: the interpreter (default: this one's base install; a venv's python resolves to its base, without the
     venv's packages).
     """
