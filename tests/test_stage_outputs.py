@@ -118,3 +118,24 @@ def test_ctrl_c_names_the_dir_the_last_checkpoint_and_the_resume_command(tmp_pat
     err = capsys.readouterr().err.strip()
     assert err.endswith(f"posttrain sft: interrupted in {tmp_path / 'sft'}; last checkpoint: checkpoint-3; "
                         f"resume with: posttrain sft {config} train.max_steps=5")
+
+
+def test_ctrl_c_in_a_run_names_its_first_unfinished_stage(tmp_path, monkeypatch, capsys):
+    import rounds.orchestrator as orchestrator
+
+    root = tmp_path / "runs" / "tiny"
+    for stage, done in (("prefs", True), ("rm", True), ("samples", False)):
+        (root / "round_01" / stage).mkdir(parents=True)
+        if done:
+            (root / "round_01" / stage / "DONE").write_text("")
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump({"name": "tiny", "runs_dir": str(tmp_path / "runs"),
+                                      "model": {"path": "tiny", "dtype": "float32"}}))
+
+    def interrupted(cfg, force=""):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(orchestrator, "run", interrupted)
+    assert main(["run", str(config), "rounds=2"]) == 130
+    assert capsys.readouterr().err.strip().endswith(f"posttrain run: interrupted in {root}; unfinished: "
+                                                    f"round_01/samples; resume with: posttrain run {config} rounds=2")
