@@ -1,5 +1,5 @@
 """Preference collection, the paper's human-annotation step: K >= 2 responses per prompt from the current policy,
-labelled by the task's verifier (correct > wrong), by judge reward sources, or by people through a labels file.
+labelled by the task's verifier (correct > wrong; `verifier` is its reward-source mapping), by judge reward sources, or by people through a labels file.
 
 The stage dir (`round_NN/prefs/`):
 ```
@@ -68,16 +68,18 @@ class LabelsNeeded(RuntimeError):
     """The responses are sampled and wait for human labels; run again once the labels file exists."""
 
 
-def _label_sources(cfg: PrefsConfig, verifier: str) -> list[RewardSourceConfig]:
+def _label_sources(cfg: PrefsConfig, verifier: dict | None) -> list[RewardSourceConfig]:
     if cfg.labeler == "verifier":
-        return [RewardSourceConfig(kind=verifier)]
+        if verifier is None:
+            raise ConfigError("prefs.labeler: verifier, but the task has no verifier; label with a judge or people")
+        return [RewardSourceConfig(**verifier)]
     if cfg.labeler == "judge":
         return cfg.judge
     # human: sample unscored (a weightless always-matching rule gives every response reward 0, so no pairs)
     return [RewardSourceConfig(kind="regex", name="unlabelled", weight=0.0, options={"pattern": ""})]
 
 
-def sample_config(cfg: PrefsConfig, policy: ModelConfig, prompts: Path, out: Path, *, verifier: str,
+def sample_config(cfg: PrefsConfig, policy: ModelConfig, prompts: Path, out: Path, *, verifier: dict | None,
                   seed: int) -> rejection.SampleStageConfig:
     return rejection.SampleStageConfig(
         policy=policy, prompts=[str(prompts)], output_dir=str(out / "sampled"), k=cfg.k, temperature=cfg.temperature,
@@ -152,8 +154,8 @@ def _human_pairs(labels_path: Path, sampled: Path, prompts: dict[str, dict]) -> 
     return pairs
 
 
-def collect(cfg: PrefsConfig, policy: ModelConfig, prompts: Path, out: Path, *, round_idx: int, verifier: str,
-            seed: int) -> None:
+def collect(cfg: PrefsConfig, policy: ModelConfig, prompts: Path, out: Path, *, round_idx: int,
+            verifier: dict | None, seed: int) -> None:
     """Sample, label, write pairs.jsonl, manifest.json and DONE (rank 0); every process takes part in sampling."""
     from accelerate import PartialState
 

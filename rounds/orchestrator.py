@@ -25,33 +25,13 @@ from typing import Any
 from posttrain.config import ConfigError, LoRAConfig, ModelConfig, check_range, field, to_dict
 from rounds import stage_configs
 from rounds.collect import LabelsNeeded, PrefsConfig
+from rounds.evaluate import EvalConfig, check_unique_names
 from rounds.stage_configs import (PAIR_SOURCES, build, deep_merge, dpo_config, rm_config, rs_config, rs_uses_run_rm,
                                   sft_config, variants)
 from rounds.state import RunDir
+from rounds.tasks import Task, TaskConfig
 
 ROUND_OVERRIDE_KEYS = ("stages", "prefs", "rm", "rs", "sft", "dpo", "average")
-
-
-@dataclasses.dataclass
-class TaskConfig:
-    name: str = field("addition", help="task from rounds.tasks.TASKS: train prompts, held-out eval, verifier")
-    rs_prompts: int = field(64, help="fresh train prompts per round for rejection sampling")
-    pref_prompts: int = field(32, help="fresh train prompts per round for preference collection")
-    eval_prompts: int = field(128, help="held-out prompts scored after every round (128 or more for a usable estimate)")
-    prompt_files: list[str] = field(default_factory=list, help="prompt record files to take RS and preference "
-                                                                "prompts from, instead of the task's train split")
-    retry_rejected: int = field(0, help="later rounds in which an RS prompt with no accepted sample is tried again, "
-                                        "on top of that round's fresh prompts (0: never)")
-
-    def __post_init__(self):
-        from rounds.tasks import TASKS
-
-        if self.name not in TASKS:
-            raise ConfigError(f"name: unknown task {self.name!r} (known: {', '.join(TASKS)})")
-        check_range("rs_prompts", self.rs_prompts, low=1)
-        check_range("pref_prompts", self.pref_prompts, low=1)
-        check_range("eval_prompts", self.eval_prompts, low=1)
-        check_range("retry_rejected", self.retry_rejected, low=0)
 
 
 @dataclasses.dataclass
@@ -76,13 +56,6 @@ class AverageConfig:
 
 
 @dataclasses.dataclass
-class EvalSettings:
-    max_new_tokens: int = field(48, help="tokens generated per eval response")
-    batch_size: int = field(32, help="prompts decoded together")
-    system_prompt: str | None = field(None, help="system prompt for every eval prompt")
-
-
-@dataclasses.dataclass
 class RunConfig:
     name: str = field("", help="run name: the run lives in runs_dir/name")
     runs_dir: str = field("runs", help="parent dir of runs")
@@ -91,7 +64,8 @@ class RunConfig:
     lora: LoRAConfig = field(default_factory=LoRAConfig, help="LoRA for every training stage (a section may override)")
     rounds: int = field(1, help="rounds to run; raising it on a finished run continues it")
     seed: int = field(0, help="seed of prompt selection, sampling and training (a section may override)")
-    task: TaskConfig = field(default_factory=TaskConfig, help="prompts per round and the held-out eval")
+    task: TaskConfig = field(default_factory=TaskConfig, help="the task: its prompts (a generator or data files), "
+                                                             "held-out split, verifier; prompts per round")
     prefs: PrefsConfig = field(default_factory=PrefsConfig, help="preference collection and given preference files")
     stages: StagesConfig = field(default_factory=StagesConfig, help="stage on/off switches (per round: "
                                                                     "round_overrides)")
@@ -107,7 +81,8 @@ class RunConfig:
     dpo: dict[str, Any] = field(default_factory=dict, help="DPOStageConfig settings; pairs_from: this round's rs, "
                                                            "prefs and/or given pairs (default all three)")
     average: AverageConfig = field(default_factory=AverageConfig, help="optional soup of the round's models")
-    eval: EvalSettings = field(default_factory=EvalSettings, help="greedy held-out eval after every round")
+    evals: list[EvalConfig] = field(default_factory=lambda: [EvalConfig()], help="what is measured on the base and "
+                                    "after every round (the first eval is the run's headline figure)")
     round_overrides: dict[str, dict[str, Any]] = field(
         default_factory=dict, help="round -> partial settings for that round, e.g. {3: {rs: {temperature: 0.6}}}")
 
@@ -116,6 +91,7 @@ class RunConfig:
             raise ConfigError("name: missing; the run is written to runs_dir/name")
         check_model_path("model.path", self.model.path)
         check_range("rounds", self.rounds, low=1)
+        check_unique_names(self.evals)
         for r, override in self.round_overrides.items():
             check_round_override(self, r, override)
         for r in range(1, self.rounds + 1):
@@ -148,6 +124,19 @@ def check_round_override(cfg: RunConfig, r: str, override: dict) -> None:
                               f"{', '.join(ROUND_OVERRIDE_KEYS)})")
 
 
+def check_task(cfg: RunConfig) -> None:
+    """Read the task's records now, so that a bad file, line or field fails before anything runs."""
+    from posttrain.data import RecordError
+
+    task = Task(cfg.task, cfg.seed)
+    try:
+        for e in cfg.evals:
+            (Task(e.task, cfg.seed) if e.task else task).eval_prompts(e.num_prompts)
+        task.train_prompts(0, 1)
+    except (RecordError, ValueError, OSError) as e:
+        raise ConfigError(f"task: {e}" if not str(e).startswith("task") else str(e)) from None
+
+
 def round_config(cfg: RunConfig, r: int) -> RunConfig:
     """The settings of round r: the run's, with round_overrides[r] merged in (sections checked as they merge)."""
     override = _override(cfg, r)
@@ -171,8 +160,12 @@ def validate_round(cfg: RunConfig, r: int) -> None:
         stage_configs.validate(rcfg)
     except ConfigError as e:
         raise ConfigError(f"round_overrides.{r}.{e}" if _override(cfg, r) else str(e)) from None
+    if rcfg.prefs.collects(r) and rcfg.prefs.labeler == "verifier" and rcfg.task.verifier_name is None:
+        raise ConfigError("prefs.labeler: verifier, but the task has no verifier (task.verifier: none); label with "
+                          "a judge (labeler: judge) or people (labeler: human), or give pairs (prefs.given)")
     if r > 1:
         return
+    check_task(rcfg)
     if rcfg.stages.rm and not (rcfg.prefs.collects(1) or given_prefs(rcfg, 1) or rcfg.rm.get("data")):
         raise ConfigError("prefs.rounds: round 1 trains a reward model but has no preference data; collect "
                           "preferences in round 1, give files (prefs.given, rm.data) or set stages.rm: false")
@@ -265,20 +258,9 @@ def sft_files(run: Run, r: int, recent_rounds: int | None = None) -> list[str]:
 
 def round_prompts(cfg: RunConfig, r: int, kind: str) -> list[dict]:
     """This round's slice of one seeded stream of train prompts: preference prompts, then RS prompts."""
-    from rounds.tasks import get_task
-
     n_pref, n_rs = cfg.task.pref_prompts, cfg.task.rs_prompts
     offset = (r - 1) * (n_pref + n_rs) + (n_pref if kind == "rs" else 0)
-    n = n_rs if kind == "rs" else n_pref
-    if not cfg.task.prompt_files:
-        return get_task(cfg.task.name).prompts("train", n, seed=cfg.seed, offset=offset)
-    from rounds.rejection import load_prompts
-
-    records = load_prompts(cfg.task.prompt_files)
-    if offset + n > len(records):
-        raise ValueError(f"task.prompt_files: round {r} needs prompts {offset}..{offset + n - 1}, the files hold "
-                         f"{len(records)}")
-    return records[offset:offset + n]
+    return Task(cfg.task, cfg.seed).train_prompts(offset, n_rs if kind == "rs" else n_pref)
 
 
 def retried_prompts(run: Run, cfg: RunConfig, r: int) -> list[dict]:
@@ -377,14 +359,13 @@ def prefs_unused(cfg: RunConfig, r: int) -> str:
 
 def step_prefs(run: Run, rcfg: RunConfig, r: int) -> None:
     from rounds.collect import collect
-    from rounds.tasks import get_task
 
     out = run.dir.stage_dir(r, "prefs")
     if reason := prefs_unused(run.cfg, r):
         return mark_skipped(run, out, "prefs", reason)
     prompts = write_prompts(run, rcfg, r, "prefs", out)
     policy = ModelConfig(**{**to_dict(rcfg.model), "path": policy_after(run, r - 1)})
-    collect(rcfg.prefs, policy, prompts, out, round_idx=r, verifier=get_task(rcfg.task.name).verifier, seed=rcfg.seed)
+    collect(rcfg.prefs, policy, prompts, out, round_idx=r, verifier=Task(rcfg.task).reward_source(), seed=rcfg.seed)
 
 
 def step_rm(run: Run, rcfg: RunConfig, r: int) -> None:
@@ -446,13 +427,11 @@ def evaluate_policy(rcfg: RunConfig, policy: str, path: Path, device) -> None:
     from posttrain.backbone import resolve_dtype
     from posttrain.data import atomic_write_json
     from posttrain.generate import load_policy
-    from rounds.evaluate import EvalConfig, evaluate
+    from rounds.evaluate import evaluate_all
 
     model, tokenizer = load_policy(policy, resolve_dtype(rcfg.model.dtype),
                                    attn_implementation=rcfg.model.attn_implementation)
-    e = rcfg.eval
-    metrics = evaluate(model.to(device), tokenizer, EvalConfig(task=rcfg.task.name, num_prompts=rcfg.task.eval_prompts,
-                       max_new_tokens=e.max_new_tokens, batch_size=e.batch_size, system_prompt=e.system_prompt))
+    metrics = evaluate_all(model.to(device), tokenizer, rcfg.evals, rcfg.task, rcfg.seed)
     atomic_write_json(path, {**metrics, "policy": policy})
     print(f"{path.parent.name}: held-out accuracy {metrics['accuracy']:.1%} on {metrics['num_prompts']} prompts")
 

@@ -64,6 +64,7 @@ def round_row(round_idx: int, d: Path) -> dict:
     ev, rm, prefs = _read_json(d / "eval.json"), _metrics(d / "rm"), _metrics(d / "prefs")
     rs, sft, dpo = _metrics(d / "samples"), _metrics(d / "sft"), _metrics(d / "dpo")
     check = _check(rs)
+    others = list((ev.get("evals") or {}).items())[1:]  # the first eval is the headline: accuracy above
     return {
         "round": round_idx,
         "accuracy": ev.get("accuracy"),
@@ -81,6 +82,7 @@ def round_row(round_idx: int, d: Path) -> dict:
         "rs_picked": check.get("picked"),
         "rs_random": check.get("random"),
         "rs_oracle": check.get("oracle"),
+        **{f"eval:{name}": m.get("accuracy") for name, m in others},
     }
 
 
@@ -94,10 +96,17 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(int(value) if fmt == "{:d}" else value)
 
 
+def columns(rows: list[dict]) -> tuple:
+    """COLUMNS, then one accuracy column per further eval (named after it), in the order they first appear."""
+    extra = dict.fromkeys(k for row in rows for k in row if k.startswith("eval:"))
+    return (*COLUMNS, *((k, k.removeprefix("eval:"), "{:.1%}") for k in extra))
+
+
 def format_table(rows: list[dict]) -> str:
     """Plain-text table: the base before round 1 (round 0), then the policy after every round."""
-    header = ["round", *(h for _, h, _ in COLUMNS)]
-    body = [[("0 (base)" if row["round"] == 0 else str(row["round"])), *(_cell(row[k], f) for k, _, f in COLUMNS)]
+    cols = columns(rows)
+    header = ["round", *(h for _, h, _ in cols)]
+    body = [[("0 (base)" if row["round"] == 0 else str(row["round"])), *(_cell(row.get(k), f) for k, _, f in cols)]
             for row in rows]
     widths = [max(len(line[i]) for line in [header, *body]) for i in range(len(header))]
     lines = ["  ".join(cell.rjust(w) for cell, w in zip(line, widths)) for line in [header, *body]]
@@ -115,7 +124,7 @@ def _distributions(root: Path) -> tuple[dict[int, list[float]], dict[int, list[i
             rewards[r] = values
         results = _read_json(d / "eval.json").get("results") or []
         if results:
-            lengths[r] = [res["num_tokens"] for res in results]
+            lengths[r] = [n for res in results for n in res["num_tokens"]]
     return rewards, lengths
 
 
@@ -128,8 +137,9 @@ def plot(rows: list[dict], root: Path) -> bytes:
 
     rewards, lengths = _distributions(root)
     fig, (ax_acc, ax_rew, ax_len) = plt.subplots(1, 3, figsize=(15, 4.2))
-    for key, label in (("accuracy", "held-out accuracy"), ("rm_accuracy", "RM pairwise accuracy")):
-        points = [(row["round"], row[key]) for row in rows if row[key] is not None]
+    evals = [(k, f"eval {k.removeprefix('eval:')}") for k, _, _ in columns(rows)[len(COLUMNS):]]
+    for key, label in (("accuracy", "held-out accuracy"), ("rm_accuracy", "RM pairwise accuracy"), *evals):
+        points = [(row["round"], row.get(key)) for row in rows if row.get(key) is not None]
         if points:
             ax_acc.plot(*zip(*points), marker="o", label=label)
     ax_acc.set(xlabel="round (0 = base)", ylabel="accuracy", ylim=(0, 1), title="accuracy per round",
@@ -148,10 +158,11 @@ def plot(rows: list[dict], root: Path) -> bytes:
 
 
 def to_html(rows: list[dict], png: bytes, config_text: str, name: str) -> str:
-    header = "".join(f"<th>{html.escape(h)}</th>" for h in ["round", *(h for _, h, _ in COLUMNS)])
+    cols = columns(rows)
+    header = "".join(f"<th>{html.escape(h)}</th>" for h in ["round", *(h for _, h, _ in cols)])
     body = "".join(
         "<tr>" + f"<td>{'0 (base)' if row['round'] == 0 else row['round']}</td>"
-        + "".join(f"<td>{html.escape(_cell(row[k], f))}</td>" for k, _, f in COLUMNS) + "</tr>"
+        + "".join(f"<td>{html.escape(_cell(row.get(k), f))}</td>" for k, _, f in cols) + "</tr>"
         for row in rows
     )
     image = base64.b64encode(png).decode()

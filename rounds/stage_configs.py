@@ -91,18 +91,19 @@ def dpo_config(cfg, model: str, out: Path, data: list[str], variant: dict | None
 
 def task_verifier_source(cfg) -> dict | None:
     """The task's verifier as an RS reward source (weight 0): a gate by default, an audit-only score with
-    rs.task_verifier: audit (it still measures how often the kept samples pass), or None with off or when the
-    sources already list a verifier of that kind."""
-    from rounds.tasks import get_task
+    rs.task_verifier: audit (it still measures how often the kept samples pass), or None with off, for a task
+    without a verifier, or when the sources already list a verifier of that kind."""
+    from rounds.tasks import Task
 
     mode = cfg.rs.get("task_verifier", "gate")
     if mode not in TASK_VERIFIER_MODES:
         raise ConfigError(f"rs.task_verifier: {mode!r} is not one of {', '.join(TASK_VERIFIER_MODES)}")
-    verifier = get_task(cfg.task.name).verifier
+    source = Task(cfg.task).reward_source()
     listed = stage_settings(cfg, "rs").get("rewards") or []
-    if mode == "off" or any(isinstance(s, dict) and s.get("kind") == verifier for s in listed):
+    if mode == "off" or source is None or any(isinstance(s, dict) and s.get("kind") == source["kind"]
+                                              for s in listed):
         return None
-    return {"kind": verifier, "name": "task_verifier", "weight": 0.0, "gate": mode == "gate"}
+    return {**source, "name": "task_verifier", "weight": 0.0, "gate": mode == "gate"}
 
 
 def rs_config(cfg, policy: str, prompts: Path, out: Path, rm_path: str | None):

@@ -46,7 +46,7 @@ def tiny_run_config(model_dir: Path, runs_dir: Path, given: Path, rounds: int = 
         "sft": {"train": {"max_steps": 2, "save_steps": 1, "batch_size": 2, "max_length": 128, "learning_rate": 1e-3,
                           "report_to": ["none"]}},
         "dpo": {"train": {"max_steps": 2, "batch_size": 2, "max_length": 128, "report_to": ["none"]}},
-        "eval": {"max_new_tokens": 8},
+        "evals": [{"max_new_tokens": 8}],
     }
 
 

@@ -172,9 +172,14 @@ def test_shipped_run_configs_load(tmp_path):
     for name in ("quickstart", "addition-3round"):
         cfg = load_config(RunConfig, configs / f"{name}.yaml")
         assert cfg.model.path == "smollm2-135m-instruct" and cfg.task.eval_prompts >= 128
+    task = configs.parent / "examples" / "tasks" / "multiplication"
+    fill_in = ["model.path=tiny", f"task.train=[{task / 'train.jsonl'}]", f"task.eval=[{task / 'eval.jsonl'}]",
+               "task.eval_prompts=200"]
     for name, rounds in (("llama3.1-8b-lora", 3), ("llama3.1-70b-fsdp", 3)):
-        cfg = load_config(RunConfig, configs / f"{name}.yaml", ["model.path=tiny"])  # a user fills in the real path
-        assert cfg.rounds == rounds
+        with pytest.raises(ConfigError, match="data/train.jsonl"):  # the files to fill in do not exist yet
+            load_config(RunConfig, configs / f"{name}.yaml", ["model.path=tiny"])
+        cfg = load_config(RunConfig, configs / f"{name}.yaml", fill_in)  # a user fills in the real paths
+        assert cfg.rounds == rounds and cfg.task.template == "{question}"
 
 
 def _done(stage_dir: Path, model: bool = True) -> None:

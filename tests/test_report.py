@@ -18,7 +18,7 @@ def _stage(root: Path, name: str, metrics: dict, done: bool = True) -> None:
 
 def _eval(root: Path, accuracy: float, mean_reward: float, lengths: list[int]) -> None:
     root.mkdir(parents=True, exist_ok=True)
-    results = [{"id": str(i), "reward": 1.0, "num_tokens": n} for i, n in enumerate(lengths)]
+    results = [{"id": str(i), "rewards": [1.0], "num_tokens": [n]} for i, n in enumerate(lengths)]
     (root / "eval.json").write_text(json.dumps({"accuracy": accuracy, "mean_reward": mean_reward,
                                                 "mean_length": sum(lengths) / len(lengths), "results": results}))
 
@@ -65,6 +65,20 @@ def test_rows_and_table_show_the_literal_numbers(tmp_path):
     ]
     assert table[3] == "       1     81.2%        0.812      10.5          37   75.0%       60        52      0.432" \
                        "    0.4567    0.6543             58   100.0%  62.5%   43.8%   87.5%"  # right-aligned
+
+def test_every_further_eval_gets_a_column_named_after_it(tmp_path):
+    root = fake_run(tmp_path)
+    for r, accuracy in ((0, 0.25), (1, 0.5)):
+        path = root / f"round_{r:02d}" / "eval.json"
+        data = json.loads(path.read_text())
+        data["evals"] = {"heldout": {"accuracy": data["accuracy"]}, "pass8": {"accuracy": accuracy}}
+        path.write_text(json.dumps(data))
+    rows = report.collect_rows(root)
+    assert [r.get("eval:pass8") for r in rows] == [0.25, 0.5, None]
+    table = [line.split() for line in report.format_table(rows).splitlines()]
+    assert table[0][-1] == "pass8" and [line[-1] for line in table[2:]] == ["25.0%", "50.0%", "-"]
+    assert "<th>pass8</th>" in report.to_html(rows, b"", "", "x")
+
 
 def test_report_files_embed_the_table_and_the_plot(tmp_path):
     root = fake_run(tmp_path)
