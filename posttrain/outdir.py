@@ -1,12 +1,12 @@
 """A training stage's output dir: which dirs a stage may write into, when a finished result is reused or refused, and
 how a new model takes the place of an old one.
 
-A stage writes only into a missing or empty dir, or one it owns: one holding its marker (`.posttrain.json`,
-written when the stage first claims the dir) or its manifest. Any other dir is refused, naming what is in it, so a
-mistyped `train.output_dir` never touches the user's files (checkpoints alone do not make a dir ours: another
-trainer's output dir holds `checkpoint-*` too). A dir with DONE holds a finished
-result, which nothing removes until a new one is complete: the new model is written beside it (a temp dir inside
-`out`, on the same filesystem) and moved in at the end.
+A stage writes only into a missing or empty dir, or one it owns: one holding its manifest or its marker
+(`.posttrain.json`, written when the stage first claims the dir). Any other dir is refused, naming what is in it,
+so a mistyped `train.output_dir` never touches the user's files (checkpoints alone do not make a dir ours: another
+trainer's output dir holds `checkpoint-*` too). A dir with DONE holds a finished result, which nothing removes
+until a new one is complete: the new model is written beside it (a temp dir inside `out`, on the same filesystem)
+and moved in at the end.
 """
 
 from __future__ import annotations
@@ -21,8 +21,9 @@ MARKER = ".posttrain.json"
 
 
 def owner(out: Path) -> str | None:
-    """The stage that owns `out`, as its marker or manifest says; None for a dir no stage wrote."""
-    for name in (MARKER, "manifest.json"):
+    """The stage that owns `out`, as its manifest or else its marker says (a soup copies its sources' markers along,
+    its manifest names the soup); None for a dir no stage wrote."""
+    for name in ("manifest.json", MARKER):
         try:
             found = json.loads((out / name).read_text()).get("stage")
         except (OSError, ValueError, AttributeError):
