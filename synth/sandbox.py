@@ -1,17 +1,18 @@
 """Run model-written Python in a subprocess sandbox.
 
 Isolation comes from the OS, not from inspecting the code: bubblewrap (`bwrap`) puts the program in new network,
-pid, ipc and uts namespaces with a filesystem view of only the system directories and the Python installation
-(read-only) plus size-capped tmpfs mounts for its working directory, /tmp and /dev/shm. Inside, a bootstrap sets
-rlimits (address space, CPU seconds, file size, process count) and, when we run as root, switches to a fresh
-unprivileged uid (the kernel never applies RLIMIT_NPROC to root, so a fork bomb needs a uid of its own).
-The pid namespace ends with the program: nothing it starts outlives the call. The wall clock is enforced from
-outside by killing bwrap, whose namespace init dies with it (--die-with-parent).
+pid, ipc and uts namespaces, under a seccomp filter (synth/seccomp.py: no nested namespaces, mounts, ptrace, BPF or
+io_uring), with a filesystem view of only the system directories and the Python installation (read-only) plus
+size-capped tmpfs mounts for its working directory, /tmp and /dev/shm. Inside, a bootstrap sets rlimits (address
+space, CPU seconds, file size, process count) and, when we run as root, switches to a fresh unprivileged uid (the
+kernel never applies RLIMIT_NPROC to root, so a fork bomb needs a uid of its own). The pid namespace ends with the
+program: nothing it starts outlives the call. The wall clock is enforced from outside by killing bwrap, whose
+namespace init dies with it (--die-with-parent).
 
-Without bwrap (or where it cannot create namespaces) `run_python` refuses unless `allow_unisolated=True`; then the
-same rlimits apply to a plain subprocess in its own session, which is killed at the end, but the network and the
-filesystem are open, it keeps our uid (as root RLIMIT_NPROC does nothing) and a process that calls setsid()
-escapes the cleanup.
+Without bwrap or libseccomp (or where bwrap cannot create namespaces) `run_python` refuses unless
+`allow_unisolated=True`; then the same rlimits apply to a plain subprocess in its own session, which is killed at
+the end, but the network and the filesystem are open, no syscall filter applies, it keeps our uid (as root
+RLIMIT_NPROC does nothing) and a process that calls setsid() escapes the cleanup.
 """
 
 from __future__ import annotations
@@ -28,8 +29,11 @@ import subprocess
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+
+from synth import seccomp
 
 SANDBOX_IN = "/sandbox/in"  # read-only: main.py and the input files
 SANDBOX_WORK = "/sandbox/work"  # the program's cwd and HOME, a private tmpfs
@@ -96,9 +100,9 @@ def _python_install(python: str | None) -> tuple[str, str]:
     return executable, prefix
 
 
-def _bwrap_argv(prefix: str, staging: str, disk_bytes: int, as_root: bool) -> list[str]:
+def _bwrap_argv(prefix: str, staging: str, disk_bytes: int, as_root: bool, seccomp_fd: int) -> list[str]:
     argv = ["bwrap", "--unshare-net", "--unshare-pid", "--unshare-ipc", "--unshare-uts", "--unshare-cgroup-try",
-            "--die-with-parent", "--new-session", "--cap-drop", "ALL"]
+            "--die-with-parent", "--new-session", "--cap-drop", "ALL", "--seccomp", str(seccomp_fd)]
     if as_root:
         # The bootstrap needs these to hand the workdir to the sandbox uid and switch to it; the switch
         # clears them (all uids become non-zero) before the program starts.
@@ -136,15 +140,31 @@ def _minimal_env(home: str, prefix: str) -> dict[str, str]:
     return {"PATH": f"{prefix}/bin:{PATH}", "HOME": home, "LANG": "C.UTF-8", "TMPDIR": "/tmp"}
 
 
+@contextmanager
+def _seccomp_filter(staging: Path):
+    """An fd open on the compiled syscall filter, for `bwrap --seccomp FD` (which reads it to the end)."""
+    path = staging / "seccomp.bpf"
+    with open(path, "wb") as f:
+        seccomp.write_filter(f.fileno())
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
 @functools.lru_cache(maxsize=None)
 def _bwrap_failure(python: str, prefix: str) -> str | None:
-    """Why bwrap cannot start `python` here (None: it can); probed once per interpreter."""
+    """Why bwrap cannot start `python` under the syscall filter here (None: it can); probed once per interpreter."""
     if shutil.which("bwrap") is None:
         return "bwrap is not installed"
-    with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as staging:
-        argv = _bwrap_argv(prefix, staging, 1 << 20, os.geteuid() == 0) + [python, "-c", "print('ok')"]
+    if seccomp.unavailable():
+        return seccomp.unavailable()
+    with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as staging, _seccomp_filter(Path(staging)) as fd:
+        argv = _bwrap_argv(prefix, staging, 1 << 20, os.geteuid() == 0, fd) + [python, "-c", "print('ok')"]
         try:
-            done = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, env={"PATH": PATH})
+            done = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, env={"PATH": PATH},
+                                  pass_fds=(fd,))
         except (OSError, subprocess.TimeoutExpired) as e:
             return f"bwrap did not run: {e}"
     if done.returncode == 0 and done.stdout.strip() == b"ok":
@@ -258,11 +278,14 @@ def run_python(code: str, *, timeout_s: float = 10, memory_mb: int = 512, cpu_s:
             },
         }
         argv = [executable, "-s", "-E", "-c", _BOOTSTRAP, json.dumps(config)]
-        if isolation == "bwrap":
-            argv = _bwrap_argv(prefix, str(staging / "in"), disk_bytes, as_root) + argv
         env = _minimal_env(config["workdir"], prefix)
         started = time.monotonic()
-        returncode, timed_out = _execute(argv, staging, env, timeout_s)
+        if isolation == "bwrap":
+            with _seccomp_filter(staging) as fd:
+                argv = _bwrap_argv(prefix, str(staging / "in"), disk_bytes, as_root, fd) + argv
+                returncode, timed_out = _execute(argv, staging, env, timeout_s, pass_fds=(fd,))
+        else:
+            returncode, timed_out = _execute(argv, staging, env, timeout_s)
         duration_s = time.monotonic() - started
         if isolation == "bwrap" and returncode > 128:
             returncode = -(returncode - 128)  # bwrap's init reports a signal death as 128 + signal
@@ -273,12 +296,13 @@ def run_python(code: str, *, timeout_s: float = 10, memory_mb: int = 512, cpu_s:
                          isolation=isolation, output_truncated=cut_out or cut_err)
 
 
-def _execute(argv: list[str], staging: Path, env: dict[str, str], timeout_s: float) -> tuple[int, bool]:
+def _execute(argv: list[str], staging: Path, env: dict[str, str], timeout_s: float,
+             pass_fds: tuple[int, ...] = ()) -> tuple[int, bool]:
     """Run argv in its own session with output to files; kill the whole group on timeout and at the end."""
     with open(staging / "stdin", "rb") as stdin, open(staging / "stdout", "wb") as stdout, \
             open(staging / "stderr", "wb") as stderr:
         proc = subprocess.Popen(argv, stdin=stdin, stdout=stdout, stderr=stderr, env=env,
-                                cwd=staging / "work", start_new_session=True, close_fds=True)
+                                cwd=staging / "work", start_new_session=True, close_fds=True, pass_fds=pass_fds)
         timed_out = False
         try:
             proc.wait(timeout=timeout_s)
