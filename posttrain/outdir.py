@@ -6,7 +6,7 @@ A stage writes only into a missing or empty dir, or one it owns: one holding its
 so a mistyped `train.output_dir` never touches the user's files (checkpoints alone do not make a dir ours: another
 trainer's output dir holds `checkpoint-*` too). A dir with DONE holds a finished result, which nothing removes
 until a new one is complete: the new model is written beside it (a temp dir inside `out`, on the same filesystem)
-and moved in at the end.
+and moved in at the end. For users: docs/errors-and-output-dirs.md.
 """
 
 from __future__ import annotations
