@@ -166,6 +166,14 @@ def surely_longer_than(messages: list[dict], tokenizer, max_tokens: int) -> bool
     return size > max_tokens * _longest_token_bytes(tokenizer)
 
 
+def clip_contents(messages: list[dict], tokenizer, max_tokens: int) -> list[dict]:
+    """`messages` with each content cut to a length that still spells more than `max_tokens` tokens, with a margin
+    that keeps the cut's effect on tokenisation past them: the first `max_tokens` tokens of the render stay those
+    of the whole dialog, which is then not tokenised whole."""
+    limit = 2 * max_tokens * _longest_token_bytes(tokenizer)
+    return [{**m, "content": m["content"][:limit]} if len(m.get("content") or "") > limit else m for m in messages]
+
+
 @functools.lru_cache(maxsize=8)
 def _longest_token_bytes(tokenizer) -> int:
     # token strings spell bytes with one char each (byte-level BPE) or as text (SentencePiece): either way their

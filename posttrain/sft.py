@@ -40,7 +40,7 @@ from posttrain.config import (
     to_dict,
 )
 from posttrain.data import CONVERTERS, RecordError, UniqueIds, atomic_write_json, atomic_write_text, file_sha256
-from posttrain.data import iter_raw, surely_longer_than, validate_record
+from posttrain.data import clip_contents, iter_raw, surely_longer_than, validate_record
 from posttrain.packing import IGNORE_INDEX, PackedCollator, pack
 from posttrain.tools import CUSTOM_FORMATS
 
@@ -120,11 +120,13 @@ def read_source(source: DataSourceConfig) -> list[tuple[str, dict]]:
 def render_example(record: dict, where: str, tokenizer, cfg: SFTStageConfig) -> dict | None:
     """input_ids + labels of one record (-100 where not trained); None when it is too long and truncation drops it."""
     max_length = cfg.train.max_length
-    if cfg.truncation != "truncate" and surely_longer_than(record["messages"], tokenizer, max_length):
+    if surely_longer_than(record["messages"], tokenizer, max_length):
         if cfg.truncation == "drop":
             return None
-        raise RecordError(f"{where}: messages: far more than train.max_length={max_length} tokens "
-                          "(set truncation: drop or truncate to allow it)")
+        if cfg.truncation == "error":
+            raise RecordError(f"{where}: messages: far more than train.max_length={max_length} tokens "
+                              "(set truncation: drop or truncate to allow it)")
+        record = {**record, "messages": clip_contents(record["messages"], tokenizer, max_length)}
     try:
         rendered = chat.render(record["messages"], tokenizer, tools=record.get("tools"), train_on=cfg.train_on,
                                tool_format=cfg.tool_format)

@@ -240,3 +240,26 @@ def test_malformed_records_fail_before_training(tmp_path, lines, error):
     with pytest.raises(RecordError, match=error):
         train(cfg)
     assert not (tmp_path / "out").exists()  # nothing written: no model, manifest or DONE
+
+
+def test_a_huge_record_is_truncated_as_if_tokenised_whole_without_tokenising_it_whole(tmp_path, llama3_tokenizer,
+                                                                                      monkeypatch):
+    from posttrain import chat
+    from posttrain.sft import render_example
+
+    text = " ".join(f"w{i}" for i in range(50_000))  # ~340k characters, far past 64 tokens
+    messages = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": text}]
+    whole = chat.render(messages, llama3_tokenizer)
+    tokenised = []
+    render = chat.render
+
+    def spy(msgs, *args, **kwargs):
+        tokenised.append(sum(len(m["content"]) for m in msgs))
+        return render(msgs, *args, **kwargs)
+
+    monkeypatch.setattr(chat, "render", spy)
+    cfg = make_cfg(tmp_path, ["unused.jsonl"], max_length=64, truncation="truncate")
+    example = render_example({"messages": messages}, "a.jsonl:1", llama3_tokenizer, cfg)
+    assert example["input_ids"] == whole.ids[:64]
+    assert example["labels"] == [t if m else -100 for t, m in zip(whole.ids[:64], whole.mask[:64])]
+    assert tokenised and tokenised[0] < len(text) / 4
