@@ -116,7 +116,8 @@ def check_range(key: str, value: float, *, low: float | None = None, high: float
     """Refuse a value outside the bounds (low/high inclusive, above/below exclusive), and NaN or infinity."""
     start = f"[{low}" if low is not None else f"({above}" if above is not None else "(-inf"
     end = f"{high}]" if high is not None else f"{below})" if below is not None else "inf)"
-    inside = (math.isfinite(value) and (low is None or value >= low) and (high is None or value <= high)
+    finite = not isinstance(value, float) or math.isfinite(value)  # ints: exact, never NaN, maybe beyond a float
+    inside = (finite and (low is None or value >= low) and (high is None or value <= high)
               and (above is None or value > above) and (below is None or value < below))
     if not inside:
         raise ConfigError(f"{key}: {value!r} is outside {start}, {end}")

@@ -273,7 +273,13 @@ def _build_model(cfg: SFTStageConfig):
     return model
 
 
-def _build_trainer(cfg: SFTStageConfig, args, tokenizer, model, train_rows: list[dict], eval_rows: list[dict], meter):
+def _build_trainer(cfg: SFTStageConfig, args, tokenizer, train_rows: list[dict], eval_rows: list[dict], meter):
+    """The model, then the output dir claimed (before the trainer creates it), then the trainer on packed rows."""
+    model = _build_model(cfg)
+    state = args.distributed_state
+    if state.is_main_process:
+        _prepare_output_dir(Path(cfg.train.output_dir), cfg.resume)
+    state.wait_for_everyone()
     train_ds = Dataset.from_list(train_rows)
     eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
     if cfg.packing:
@@ -389,13 +395,8 @@ def train(cfg: SFTStageConfig) -> dict:
     train_rows, eval_rows, sources = render_sources(cfg, tokenizer)  # every record checked before anything is written
     args = _trainer_args(cfg, has_eval=bool(eval_rows))
     state = args.distributed_state
-    model = _build_model(cfg)
-    if state.is_main_process:
-        _prepare_output_dir(out, cfg.resume)
-    state.wait_for_everyone()
-
     meter = SessionMeter()
-    trainer = _build_trainer(cfg, args, tokenizer, model, train_rows, eval_rows, meter)
+    trainer = _build_trainer(cfg, args, tokenizer, train_rows, eval_rows, meter)
     checkpoint = stage.last_checkpoint(out) if cfg.resume else None
     if checkpoint:
         log.info("sft: resuming from %s", checkpoint)

@@ -65,6 +65,8 @@ CASES = [
     case("sft", ["train.learning_rate", "nan"], ["train.learning_rate=.nan"], id="sft-lr-nan"),
     case("sft", ["train.max_steps", "-5"], ["train.max_steps=-5"], id="sft-max-steps-negative"),
     case("sft", ["train.max_steps"], ["train.max_steps=0"], id="sft-max-steps-zero"),
+    case("sft", ["train.max_grad_norm", "inf"], ["train.max_grad_norm=.inf"], id="sft-grad-norm-infinite"),
+    case("sft", ["train.logging_steps"], [f"train.logging_steps=-{10 ** 400}"], id="sft-logging-steps-huge-int"),
     case("sft", ["train.num_epochs"], ["train.max_steps=-1", "train.num_epochs=0"], id="sft-zero-epochs"),
     case("sft", ["train.save_steps", "-3"], ["train.save_steps=-3"], id="sft-save-steps-negative"),
     case("sft", ["train.warmup_ratio", "5"], ["train.warmup_ratio=5"], id="sft-warmup-ratio-5"),
