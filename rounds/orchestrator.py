@@ -125,14 +125,16 @@ def check_round_override(cfg: RunConfig, r: str, override: dict) -> None:
 
 
 def check_task(cfg: RunConfig) -> None:
-    """Read the task's records now, so that a bad file, line or field fails before anything runs."""
+    """Read the task's records now, so that a bad file, line or field, too few eval prompts, or a train pool that
+    every round's fresh prompts would exhaust, fails before anything runs."""
     from posttrain.data import RecordError
 
     task = Task(cfg.task, cfg.seed)
+    needed = cfg.rounds * (cfg.task.pref_prompts + cfg.task.rs_prompts)  # fresh prompts only: retries reuse them
     try:
         for e in cfg.evals:
             (Task(e.task, cfg.seed) if e.task else task).eval_prompts(e.num_prompts)
-        task.train_prompts(0, 1)
+        task.train_prompts(needed - 1, 1)
     except (RecordError, ValueError, OSError) as e:
         raise ConfigError(f"task: {e}" if not str(e).startswith("task") else str(e)) from None
 

@@ -228,14 +228,15 @@ class Task:
     def train_prompts(self, offset: int, n: int) -> list[dict]:
         """Train prompts offset..offset+n-1 of the seeded stream: none of them renders like an eval prompt."""
         if self.cfg.train:
-            records = self._train_pool[offset:offset + n]
-        else:
-            records = list(islice(self._unique(self._generated("train"), self.eval_keys), offset, offset + n))
+            stream = self._train_pool
+        else:  # the generator's stream up to the end of this slice (shorter when it runs dry)
+            stream = list(islice(self._unique(self._generated("train"), self.eval_keys), offset + n))
+        records = stream[offset:offset + n]
         if len(records) < n:
-            raise ValueError(f"task: the train prompts ran out: this round needs prompts {offset}..{offset + n - 1} "
-                             f"of the seeded stream, the task {self.cfg.label!r} holds {offset + len(records)} "
-                             f"(after holding out its eval prompts); lower task.rs_prompts / task.pref_prompts or "
-                             "add train records")
+            raise ValueError(f"task: the train prompts run out: prompts {offset}..{offset + n - 1} of the seeded "
+                             f"stream are needed, the task {self.cfg.label!r} holds {len(stream)} (after "
+                             "holding out its eval prompts); every round takes task.pref_prompts + task.rs_prompts "
+                             "fresh ones: lower them, run fewer rounds or add train records")
         return records
 
     # ---- answers

@@ -64,6 +64,7 @@ def read_jsonl(path: Path) -> list[dict]:
 
 def eval_without_timing(path: Path) -> dict:
     data = json.loads(path.read_text())
+    data["evals"] = {name: {k: v for k, v in m.items() if k != "seconds"} for name, m in data["evals"].items()}
     return {k: v for k, v in data.items() if k not in ("seconds", "policy")}
 
 

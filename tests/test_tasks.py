@@ -50,7 +50,7 @@ def test_addition_keeps_its_held_out_problems_and_seeded_stream():
     other_seed = _task(name="addition", eval_prompts=256, seed=1)
     assert other_seed.eval_prompts() == heldout and other_seed.train_prompts(0, 64) != first
     assert from_dict(TaskConfig, {}).name == "addition"  # the default task
-    with pytest.raises(ValueError, match=r"the train prompts ran out: .* holds 7844"):
+    with pytest.raises(ValueError, match=r"the train prompts run out: .* holds 7844"):
         task.train_prompts(7800, 100)
 
 
@@ -70,7 +70,7 @@ def test_a_data_task_fills_its_template_and_never_trains_on_an_eval_prompt(tmp_p
     train = task.train_prompts(0, 50)  # 50 distinct train prompts are left: 10..59
     assert sorted(_user_texts(train)) == sorted(f"Compute {i} * 3." for i in range(10, 60))
     assert not {Task.key(r) for r in train} & task.eval_keys
-    with pytest.raises(ValueError, match="ran out"):
+    with pytest.raises(ValueError, match="run out"):
         task.train_prompts(0, 51)
     with pytest.raises(ValueError, match="11 eval prompts asked, the task 'times3' holds 10"):
         task.eval_prompts(11)
@@ -133,6 +133,15 @@ def test_a_run_config_reads_its_task_records_at_load(tmp_path):
     with pytest.raises(ConfigError, match=r"train.jsonl:2: answer: missing"):
         from_dict(RunConfig, {"name": "t", "model": {"path": "tiny"},
                               "task": {"train": [train], "template": "{question}", "eval_prompts": 1}})
+
+
+def test_a_run_whose_rounds_would_exhaust_the_train_pool_fails_at_load(tmp_path):
+    train = _jsonl(tmp_path / "train.jsonl", [{"question": f"q{i}", "answer": i} for i in range(30)])
+    run = {"name": "t", "model": {"path": "tiny"}, "rounds": 3,
+           "task": {"train": [train], "template": "{question}", "eval_prompts": 5, "rs_prompts": 5, "pref_prompts": 3}}
+    from_dict(RunConfig, run)  # 3 rounds x 8 fresh prompts = 24 of the 25 left after the eval's 5
+    with pytest.raises(ConfigError, match=r"prompts 31..31 .* holds 25"):
+        from_dict(RunConfig, {**run, "rounds": 4})
 
 
 def test_user_generator_and_verifier_by_module_function(tmp_path, monkeypatch):
