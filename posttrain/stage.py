@@ -87,6 +87,13 @@ class DeviceMetrics:
         self._update_token_count()
         super()._save_checkpoint(model, trial)
 
+    def _finalize_training(self, trial, num_train_samples, start_time):
+        # The trainer averages the loss over processes at each log, but adds the steps after the last log to
+        # train_loss as this process's own loss: make those every process's mean too.
+        if self.accelerator.num_processes > 1:
+            self._tr_loss = self.accelerator.reduce(self._tr_loss.detach(), reduction="mean")
+        return super()._finalize_training(trial, num_train_samples, start_time)
+
 
 def versions() -> dict[str, str]:
     """Versions of the packages a stage's result depends on, for its manifest."""
