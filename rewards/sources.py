@@ -19,47 +19,57 @@ from typing import Any
 from posttrain.config import ConfigError, check_choice, check_range, field
 
 RM_KIND = "rm"
+JUDGE_KIND = "judge"
+MODEL_KINDS = (RM_KIND, JUDGE_KIND)  # sources that are models (a path), not rules
 NORMALIZATIONS = ("none", "zscore", "minmax")
 
 
 @dataclasses.dataclass
 class RewardSourceConfig:
-    kind: str = field("", help="rm (a trained reward model) or a verifier: a built-in (answer, exact, regex, "
-                               "unit_tests, tool_call, json_schema, constraints), an entry point, or module:function "
-                               "(docs/verifiers.md)")
+    kind: str = field("", help="rm (a trained reward model), judge (an LLM judge: rewards/judge.py) or a verifier: "
+                               "a built-in (answer, exact, regex, unit_tests, tool_call, json_schema, constraints), "
+                               "an entry point, or module:function (docs/verifiers.md)")
     weight: float = field(1.0, help="weight of this source in the summed reward")
-    path: str = field("", help="reward model dir (kind rm only)")
+    path: str = field("", help="the reward model dir (kind rm) or the judge model (kind judge: any model source)")
     name: str = field("", help="key of this source in each sample's scores (default: kind)")
     normalize: str = field("none", help="before weighting, over the K samples of a prompt: none, zscore or minmax")
-    batch_size: int = field(8, help="sequences per reward-model forward (kind rm only)")
-    options: dict[str, Any] = field(default_factory=dict, help="verifier options; a prompt's meta overrides them, "
-                                                               "except the sandbox limits")
+    batch_size: int = field(8, help="sequences per reward-model forward or judge decode batch (rm, judge)")
+    options: dict[str, Any] = field(default_factory=dict, help="verifier options, a prompt's meta overriding them "
+                                                               "except the sandbox limits; judge: rubric (general or "
+                                                               "code), max_new_tokens")
     gate: bool | None = field(None, help="only samples whose raw score here is >= pass_score may be kept for SFT "
-                                         "(null: true for a verifier, false for an rm)")
+                                         "(null: true for a verifier, false for an rm or a judge)")
     pass_score: float = field(1.0, help="the raw score that passes this source (a gate's threshold; also what the "
                                         "stage counts as passing in its metrics)")
 
     def __post_init__(self):
         from rewards.verifiable import get_verifier, verifier_names
 
-        names = (RM_KIND, *verifier_names())
+        names = (*MODEL_KINDS, *verifier_names())
         known = f"{', '.join(names)}, or module:function on the Python path"
         if not self.kind:
             raise ConfigError(f"kind: missing; one of {known}")
         if self.kind not in names and ":" not in self.kind:
             raise ConfigError(f"kind: {self.kind!r} is not one of {known}")
-        if self.kind != RM_KIND:
+        if self.kind not in MODEL_KINDS:
             try:
                 get_verifier(self.kind)
             except ValueError as e:
                 raise ConfigError(f"kind: {e}") from None
         check_choice("normalize", self.normalize, NORMALIZATIONS)
         check_range("batch_size", self.batch_size, low=1)
-        if self.kind == RM_KIND and not self.path:
-            raise ConfigError("path: missing; a reward source of kind rm needs the reward model dir")
+        if self.kind in MODEL_KINDS and not self.path:
+            raise ConfigError(f"path: missing; a reward source of kind {self.kind} needs its model")
+        if self.kind == JUDGE_KIND:
+            from rewards.judge import RUBRICS
+
+            unknown = set(self.options) - {"rubric", "max_new_tokens"}
+            if unknown:
+                raise ConfigError(f"options.{sorted(unknown)[0]}: not a judge option (rubric, max_new_tokens)")
+            check_choice("options.rubric", self.options.get("rubric", "general"), tuple(RUBRICS))
         self.name = self.name or self.kind
         if self.gate is None:
-            self.gate = self.kind != RM_KIND
+            self.gate = self.kind not in MODEL_KINDS
 
     def passes(self, score: float) -> bool:
         return score >= self.pass_score
@@ -104,6 +114,7 @@ class RewardComposer:
             raise ConfigError(f"rewards: two sources named {duplicate!r}; give each a distinct name")
         self.sources = sources
         self._reward_models: dict[str, Any] = {}
+        self._judges: dict[tuple[str, int], Any] = {}
 
     def _reward_model(self, source: RewardSourceConfig):
         if source.path not in self._reward_models:
@@ -117,14 +128,20 @@ class RewardComposer:
             prompts, tools = [r["messages"] for r in records], [r.get("tools") for r in records]
             scores = self._reward_model(source).score(prompts, messages, batch_size=source.batch_size, tools=tools)
             return [float(s) for s in scores]
+        if source.kind == JUDGE_KIND:
+            from rewards.judge import ModelJudge, rubric_scores
+
+            key = (source.path, source.batch_size)
+            if key not in self._judges:
+                self._judges[key] = ModelJudge(source.path, batch_size=source.batch_size)
+            return rubric_scores(self._judges[key], [r["messages"] for r in records], messages,
+                                 rubric=source.options.get("rubric", "general"),
+                                 max_new_tokens=source.options.get("max_new_tokens", 64),
+                                 tools=[r.get("tools") for r in records])
         from rewards.verifiable import get_verifier
 
         verify = get_verifier(source.kind)
         return [float(verify(m, _verifier_meta(source, r))) for r, m in zip(records, messages)]
-
-    def gates(self) -> dict[str, float]:
-        """The gate sources: name -> the raw score that passes."""
-        return {s.name: s.pass_score for s in self.sources if s.gate}
 
     def score(self, records: list[dict], groups: list[list[dict]]) -> list[list[dict]]:
         """For prompt records and their groups of completion messages: `{"reward", "scores"}` per completion."""

@@ -12,7 +12,7 @@ import dataclasses
 import time
 from pathlib import Path
 
-from posttrain.config import ConfigError, ModelConfig, check_range, field
+from posttrain.config import ConfigError, ModelConfig, check_choice, check_range, field
 from posttrain.data import atomic_write_json
 from rounds.tasks import Task, TaskConfig
 
@@ -25,6 +25,10 @@ class EvalConfig:
     verifier: str = field("", help="scores an answer ('': the task's verifier); passing = a score of at least "
                                    "pass_score")
     pass_score: float = field(1.0, help="the score that counts as a pass")
+    judge: str = field("", help="score with an LLM judge instead of a verifier: the judge model (any model source); "
+                                "its rubric score is normalised to [0, 1] (rewards/judge.py)")
+    judge_rubric: str = field("general", help="the judge's rubric: general (accuracy, instruction following, "
+                                              "tone) or code (bugs, intent)")
     k: int = field(1, help="samples per prompt (1 with temperature 0: greedy)")
     temperature: float = field(0.0, help="sampling temperature (0: greedy, needs k = 1)")
     top_p: float = field(1.0, help="nucleus sampling mass, in (0, 1]")
@@ -46,6 +50,11 @@ class EvalConfig:
                               "answer per prompt, sample k > 1 at a temperature > 0")
         if not 0 < self.top_p <= 1:
             raise ConfigError(f"top_p: {self.top_p} is outside (0, 1]")
+        if self.judge and self.verifier:
+            raise ConfigError("judge: an eval scores with a judge or a verifier, not both")
+        from rewards.judge import RUBRICS
+
+        check_choice("judge_rubric", self.judge_rubric, tuple(RUBRICS))
         if self.verifier:
             from rewards.verifiable import get_verifier
 
@@ -78,21 +87,34 @@ def check_unique_names(evals: list[EvalConfig]) -> None:
         raise ConfigError(f"evals: two evals named {next(n for n in names if names.count(n) > 1)!r}")
 
 
-def _scorer(cfg: EvalConfig, task: Task):
-    from rewards.verifiable import get_verifier
+def _scores(cfg: EvalConfig, task: Task, prompts: list[dict], outs: list[list]) -> list[list[float]]:
+    """Every sample's score: the judge's (normalised rubric points), the eval's verifier, or the task's."""
+    if cfg.judge:
+        from rewards.judge import ModelJudge, rubric_scores
 
-    if not cfg.verifier:
-        return task.check
-    verify = get_verifier(cfg.verifier)
-    return lambda message, meta: verify(message, {**task.cfg.verifier_options, **meta})
+        flat = [(p, c) for p, group in zip(prompts, outs) for c in group]
+        scores = iter(rubric_scores(ModelJudge(cfg.judge, batch_size=cfg.batch_size), [p["messages"] for p, _ in flat],
+                                    [c.message for _, c in flat], rubric=cfg.judge_rubric,
+                                    tools=[p.get("tools") for p, _ in flat]))
+        return [[next(scores) for _ in group] for group in outs]
+    if cfg.verifier:
+        from rewards.verifiable import get_verifier
+
+        verify = get_verifier(cfg.verifier)
+
+        def score(message, meta):
+            return verify(message, {**task.cfg.verifier_options, **meta})
+    else:
+        score = task.check
+    return [[float(score(c.message, p.get("meta") or {})) for c in group] for p, group in zip(prompts, outs)]
 
 
 def evaluate(model, tokenizer, cfg: EvalConfig, task: Task) -> dict:
     """The eval's responses to the task's held-out prompts, scored; returns its metrics and per-prompt results."""
     from posttrain.generate import generate
 
-    if not cfg.verifier and task.cfg.verifier_name is None:
-        raise ValueError(f"evals.{cfg.name}.verifier: the task {task.cfg.label!r} has none; name one")
+    if not (cfg.verifier or cfg.judge) and task.cfg.verifier_name is None:
+        raise ValueError(f"evals.{cfg.name}.verifier: the task {task.cfg.label!r} has none; name one or a judge")
     prompts = task.eval_prompts(cfg.num_prompts)
     system = cfg.system_prompt
     messages = [([{"role": "system", "content": system}] if system else []) + p["messages"] for p in prompts]
@@ -101,10 +123,8 @@ def evaluate(model, tokenizer, cfg: EvalConfig, task: Task) -> dict:
                     max_new_tokens=cfg.max_new_tokens, batch_size=cfg.batch_size, seed=cfg.seed,
                     tools=[p.get("tools") for p in prompts])
     seconds = time.perf_counter() - start
-    score = _scorer(cfg, task)
     results = []
-    for prompt, group in zip(prompts, outs):
-        rewards = [float(score(c.message, prompt.get("meta") or {})) for c in group]
+    for prompt, group, rewards in zip(prompts, outs, _scores(cfg, task, prompts, outs)):
         results.append({"id": prompt["id"], "responses": [c.message.get("content", "") for c in group],
                         "rewards": rewards, "passed": sum(r >= cfg.pass_score for r in rewards),
                         "num_tokens": [c.num_tokens for c in group], "stop_reasons": [c.stop_reason for c in group]})

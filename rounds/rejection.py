@@ -32,7 +32,7 @@ from pathlib import Path
 from posttrain.config import ConfigError, ModelConfig, check_choice, check_range, field, to_dict
 from posttrain.data import RecordError, atomic_write_json, file_sha256, iter_raw, read_records, write_jsonl
 from posttrain.tools import CUSTOM_FORMATS
-from rewards.sources import RM_KIND, RewardComposer, RewardSourceConfig
+from rewards.sources import JUDGE_KIND, MODEL_KINDS, RM_KIND, RewardComposer, RewardSourceConfig
 from rounds.state import RunDir
 
 
@@ -269,6 +269,7 @@ def _metrics(cfg: SampleStageConfig, samples: list[dict], kept: dict[str, list[d
     rewards = [c["reward"] for c in comps]
     seconds = sum(s["seconds"] for s in stats)
     checks = [r.name for r in cfg.rewards if r.kind != RM_KIND]
+    verifiers = [r for r in cfg.rewards if r.kind not in MODEL_KINDS]
     return {
         "prompts": len(samples),
         "samples": len(comps),
@@ -283,10 +284,18 @@ def _metrics(cfg: SampleStageConfig, samples: list[dict], kept: dict[str, list[d
         "max_reward": max(rewards, default=0.0),
         "mean_kept_reward": sum(r["reward"] for r in sft) / len(sft) if sft else 0.0,
         "checks": _pass_rates(samples, {p: kept[p] for p in top}, checks, acceptance, {r.name: r.pass_score for r in cfg.rewards}),
+        "judge_agreement": {f"{j.name} vs {v.name}": _agreement(comps, j, v)
+                            for j in cfg.rewards if j.kind == JUDGE_KIND for v in verifiers},
         "mean_length_tokens": sum(c["num_tokens"] for c in comps) / len(comps) if comps else 0.0,
         "tokens_per_s": sum(s["tokens"] for s in stats) / seconds if seconds else 0.0,
         "stop_reasons": dict(Counter(c["stop_reason"] for c in comps)),
     }
+
+
+def _agreement(comps: list[dict], judge: RewardSourceConfig, verifier: RewardSourceConfig) -> float | None:
+    """The share of samples on which a judge and a verifier agree: both pass them, or both fail them."""
+    same = [judge.passes(c["scores"][judge.name]) == verifier.passes(c["scores"][verifier.name]) for c in comps]
+    return sum(same) / len(same) if same else None
 
 
 def _top_share(kept: dict[str, list[dict]], fraction: float) -> set[str]:

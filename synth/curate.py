@@ -18,7 +18,8 @@ import numpy as np
 
 from posttrain.config import check_range, field
 from posttrain.data import iter_raw
-from synth.teacher import DIFFICULTY, TAGS, Teacher, dialog_text, judge_scores, parse_tags, quality_rubric
+from rewards.judge import DIFFICULTY, dialog_text, judge_scores, quality_rubric
+from synth.teacher import TAGS, Teacher, parse_tags
 
 
 @dataclasses.dataclass

@@ -43,7 +43,7 @@ def test_smollm2_rm_on_addition_reports_held_out_accuracy(tmp_path, smollm2_dir)
     metrics = train(cfg)
     print(f"SmolLM2 RM held-out pairwise accuracy: {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs "
           f"(train loss {metrics['train_loss']:.3f}, held-out loss {metrics['eval_loss']:.3f})")
-    assert metrics["eval_pairs"] == 50 and metrics["train_pairs"] == 200
+    assert metrics["eval_pairs"] + metrics["train_pairs"] == 250 and 30 <= metrics["eval_pairs"] <= 70  # by prompt
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0
     manifest = json.loads((tmp_path / "rm" / "manifest.json").read_text())
     assert manifest["metrics"]["eval_accuracy"] == metrics["eval_accuracy"]

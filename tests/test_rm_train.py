@@ -47,11 +47,13 @@ def test_tiny_rm_learns_a_signal_and_the_saved_rm_agrees(tmp_path, tiny_model_di
     cfg = from_dict(RMStageConfig, _config(tiny_model_dir, data, tmp_path / "rm", num_epochs=1))
     metrics = train(cfg)
     print(f"tiny RM held-out pairwise accuracy: {metrics['eval_accuracy']:.3f} on {metrics['eval_pairs']} pairs")
-    assert metrics["train_pairs"] == 144 and metrics["eval_pairs"] == 16
+    # the merged RM on disk ranks the held-out pairs as the trainer measured; they are held out by prompt
+    train_part, held_out = split_records(read_records(data, "preference"), cfg.eval_fraction, cfg.train.seed)
+    assert (metrics["train_pairs"], metrics["eval_pairs"]) == (len(train_part), len(held_out))
+    held_prompts, train_prompts = ({json.dumps(r["prompt"]) for r in part} for part in (held_out, train_part))
+    assert len(held_out) >= 8 and not held_prompts & train_prompts
     assert metrics["eval_accuracy"] >= 0.9
 
-    # the merged RM on disk ranks the held-out pairs as the trainer measured
-    held_out = split_records(read_records(data, "preference"), cfg.eval_fraction, cfg.train.seed)[1]
     rm = RewardModel.from_pretrained(tmp_path / "rm")
     prompts = [r["prompt"] for r in held_out]
     chosen = rm.score(prompts, [r["chosen"] for r in held_out])
@@ -81,7 +83,7 @@ def test_cli_writes_adapter_rm_dir_manifest_and_done(tmp_path, tiny_model_dir):
     metrics = manifest["metrics"]
     assert {k: metrics[k] for k in ("records_read", "filtered_margin", "filtered_label", "filtered_too_long")} == {
         "records_read": 15, "filtered_margin": 1, "filtered_label": 1, "filtered_too_long": 0}
-    assert metrics["train_records"] + metrics["eval_records"] == 13 and metrics["eval_records"] == 3
+    assert metrics["train_records"] + metrics["eval_records"] == 13 and metrics["eval_records"] >= 1
     assert metrics["train_pairs"] + metrics["eval_pairs"] == 15  # the 3-way record gives 3 pairs
     assert 0.0 <= metrics["eval_accuracy"] <= 1.0 and "eval_loss" in metrics
     assert metrics["eval_scored_pairs"] == metrics["eval_pairs"] and metrics["world_size"] == 1
@@ -93,7 +95,10 @@ def test_cli_writes_adapter_rm_dir_manifest_and_done(tmp_path, tiny_model_dir):
     assert not (out / "checkpoints").exists() and not list(out.glob(".rm-*"))
 
     # a finished stage is not trained again
-    assert train(from_dict(RMStageConfig, _config(tiny_model_dir, data, out, max_steps=2))) == metrics
+    same = {**_config(tiny_model_dir, data, out, max_steps=2), "pack_responses": True, "min_margin": 0.5,
+            "eval_fraction": 0.25}
+    same["lora"]["merge"] = False
+    assert train(from_dict(RMStageConfig, same)) == metrics
 
     # the adapter dir loads (base + adapter with its score head) and scores
     rm = RewardModel.from_pretrained(out)

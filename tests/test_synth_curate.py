@@ -7,7 +7,8 @@ import json
 import pytest
 
 from synth import curate
-from synth.teacher import CODE_QUALITY, DIFFICULTY, GENERAL_QUALITY, ScriptedTeacher, parse_score, parse_tags
+from rewards.judge import CODE_QUALITY, DIFFICULTY, GENERAL_QUALITY, parse_score
+from synth.teacher import ScriptedTeacher, parse_tags
 
 
 def _rec(idx: str, user: str, answer: str, *, quality: int | None = None, difficulty: int | None = None,
