@@ -1,9 +1,9 @@
 """Run the `posttrain` CLI under `accelerate launch` with 2 CPU processes, and record which process wrote which file.
 
-accelerate 1.15 starts ONE process for `launch --cpu --num_processes 2` (several CPU processes want mpirun), so the
-tests launch with the shipped GPU configs (configs/accelerate/ddp.yaml, fsdp.yaml): torch.distributed.run starts the
-processes, and on a host without CUDA the stages join them in a gloo group. Two FSDP settings of fsdp.yaml have no
-CPU implementation (rank 0 loading alone, then broadcasting the weights) and are turned off for these runs.
+accelerate (1.15, 1.16) starts ONE process for `launch --cpu --num_processes 2` (several CPU processes want mpirun),
+so the tests launch with the shipped DDP config (configs/accelerate/ddp.yaml): torch.distributed.run starts the
+processes, and on a host without CUDA the stages join them in a gloo group. (fsdp.yaml cannot be tested so:
+accelerate enables FSDP for GPU process groups only, and on CPU it would train under DDP.)
 
 Run as a script (what `launch` does), this file installs an audit hook that appends every file the process opens for
 writing or renames into place to `$POSTTRAIN_WRITES_DIR/rank-$RANK.txt`, then runs `posttrain.cli.main`.
@@ -19,7 +19,6 @@ from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
 WRITES_ENV = "POSTTRAIN_WRITES_DIR"
-CPU_FSDP_FLAGS = ("--fsdp_sync_module_states", "false", "--fsdp_cpu_ram_efficient_loading", "false")
 
 
 def free_port() -> int:
@@ -28,13 +27,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def launch(argv: list[str], writes_dir: Path, *, config: str = "ddp", timeout: int = 600) -> dict[int, list[Path]]:
-    """Run `posttrain ARGV` in 2 processes launched with configs/accelerate/CONFIG.yaml; returns rank -> the paths
-    it wrote (resolved), in order. A non-zero exit fails the calling test with the end of stderr."""
+def launch(argv: list[str], writes_dir: Path, *, timeout: int = 600) -> dict[int, list[Path]]:
+    """Run `posttrain ARGV` in 2 processes launched with configs/accelerate/ddp.yaml; returns rank -> the paths it
+    wrote (resolved), in order. A non-zero exit fails the calling test with the end of stderr."""
     writes_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(REPO / f"configs/accelerate/{config}.yaml"),
-           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
-           *(CPU_FSDP_FLAGS if config == "fsdp" else ()), __file__, *argv]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch",
+           "--config_file", str(REPO / "configs/accelerate/ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
+           "--main_process_port", str(free_port()), __file__, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            WRITES_ENV: str(writes_dir)}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
@@ -47,7 +46,10 @@ def _record_writes(log) -> None:
     def hook(event: str, args: tuple) -> None:
         if event == "open":
             path, mode, flags = args
-            writing = any(c in mode for c in "wax+") if isinstance(mode, str) else bool(flags & (os.O_WRONLY | os.O_RDWR))
+            if isinstance(mode, str):
+                writing = any(c in mode for c in "wax+")
+            else:  # os.open: no mode string, only flags
+                writing = bool(flags & (os.O_WRONLY | os.O_RDWR))
             if writing and isinstance(path, (str, os.PathLike)):
                 log.write(f"{os.path.realpath(path)}\n")
         elif event == "os.rename":
