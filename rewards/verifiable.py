@@ -417,18 +417,13 @@ def get_verifier(name: str) -> Verifier:
         except (ImportError, AttributeError) as e:
             raise ValueError(f"verifier {name!r}: entry point {entry_points[name].value!r} in group "
                              f"{ENTRY_POINT_GROUP} does not load ({e})") from e
-    module_name, colon, attribute = name.partition(":")
-    if not colon:
+    if ":" not in name:
         raise ValueError(f"verifier {name!r}: unknown; known: {', '.join(verifier_names())}, or module:function "
                          "on the Python path")
-    if not module_name or not attribute:
-        raise ValueError(f"verifier {name!r}: expected module:function")
+    from posttrain.plugins import load_callable
+
     try:
-        target = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ValueError(f"verifier {name!r}: cannot import module {module_name!r} ({e})") from e
-    for part in attribute.split("."):
-        if not hasattr(target, part):
-            raise ValueError(f"verifier {name!r}: module {module_name!r} has no attribute {attribute!r}")
-        target = getattr(target, part)
+        target = load_callable(name)
+    except ValueError as e:
+        raise ValueError(f"verifier {e}") from None
     return _callable_verifier(name, target)

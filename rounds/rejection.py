@@ -31,6 +31,7 @@ from pathlib import Path
 
 from posttrain.config import ConfigError, ModelConfig, check_choice, check_range, field, to_dict
 from posttrain.data import RecordError, atomic_write_json, file_sha256, iter_raw, read_records, write_jsonl
+from posttrain.outdir import changed_keys
 from posttrain.tools import CUSTOM_FORMATS
 from rewards.sources import JUDGE_KIND, MODEL_KINDS, RM_KIND, RewardComposer, RewardSourceConfig
 from rounds.state import RunDir
@@ -344,18 +345,6 @@ def merge(cfg: SampleStageConfig, prompts: list[dict], num_shards: int) -> dict:
     return manifest
 
 
-def _changed_keys(before: dict, now: dict, prefix: str = "") -> list[str]:
-    """Dotted keys whose values differ between two resolved configs (numbers compared as numbers)."""
-    changed = []
-    for key in sorted(set(before) | set(now)):
-        a, b = before.get(key), now.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            changed += _changed_keys(a, b, f"{prefix}{key}.")
-        elif a != b:
-            changed.append(f"{prefix}{key}")
-    return changed
-
-
 def run(cfg: SampleStageConfig) -> dict:
     """Sample the shards this process owns, skip finished ones, then (process 0) merge. Returns the manifest."""
     import torch
@@ -365,7 +354,7 @@ def run(cfg: SampleStageConfig) -> dict:
     out = Path(cfg.output_dir)
     if RunDir.is_done(out):
         manifest = RunDir.manifest(out)
-        changed = _changed_keys(manifest.get("config") or {}, to_dict(cfg))
+        changed = changed_keys(manifest.get("config") or {}, to_dict(cfg))
         if changed:
             raise ValueError(f"{out}: finished with other settings (changed: {', '.join(changed)}); delete the dir "
                              "or choose another output_dir to sample with these")

@@ -14,7 +14,6 @@ slice, and a run that needs more prompts than the pool holds stops and says so.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 import random
 import string
 from collections.abc import Callable, Iterable, Iterator
@@ -54,17 +53,12 @@ GENERATORS: dict[str, tuple[Callable[[str, int], Iterable[dict]], str]] = {"addi
 
 def load_callable(spec: str, key: str) -> Callable:
     """`module:function` on the Python path; a ConfigError naming `key` when it does not resolve."""
-    module_name, _, attr = spec.partition(":")
-    if not module_name or not attr:
-        raise ConfigError(f"{key}: {spec!r} is neither a built-in name nor module:function")
+    from posttrain import plugins
+
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
-        raise ConfigError(f"{key}: {spec!r}: cannot import {module_name!r} ({e})") from None
-    fn = getattr(module, attr, None)
-    if not callable(fn):
-        raise ConfigError(f"{key}: {spec!r}: {module_name} has no function {attr!r}")
-    return fn
+        return plugins.load_callable(spec)
+    except ValueError as e:
+        raise ConfigError(f"{key}: {e}") from None
 
 
 def _template_fields(template: str) -> list[str]:

@@ -48,7 +48,7 @@ def test_config_errors_name_the_key():
         _config(temperature=0.0)
     with pytest.raises(ConfigError, match="rewards: no reward source"):
         _config(rewards=[])
-    with pytest.raises(ConfigError, match=r"rewards\[0\]\.kind: 'bleu' is not one of rm, answer"):
+    with pytest.raises(ConfigError, match=r"rewards\[0\]\.kind: 'bleu' is not one of rm, judge, answer"):
         _config(rewards=[{"kind": "bleu"}])
     with pytest.raises(ConfigError, match=r"rewards\[0\]\.path: missing"):
         _config(rewards=[{"kind": "rm"}])

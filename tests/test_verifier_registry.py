@@ -98,7 +98,7 @@ def test_entry_points(entry_point):
 def test_source_kind_is_checked_at_config_load(plugin, entry_point):
     assert RewardSourceConfig(kind="my_verifiers:shouts").gate is True  # a plug-in verifier gates like a built-in
     assert RewardSourceConfig(kind="shouting").name == "shouting"
-    with pytest.raises(ConfigError, match=r"kind: 'bleu' is not one of rm, answer, .*, constraints, broken, "
+    with pytest.raises(ConfigError, match=r"kind: 'bleu' is not one of rm, judge, answer, .*, constraints, broken, "
                                           r"shouting, or module:function on the Python path"):
         RewardSourceConfig(kind="bleu")
     with pytest.raises(ConfigError, match=r"kind: verifier 'my_verifiers:absent': module 'my_verifiers' has no "
@@ -106,7 +106,7 @@ def test_source_kind_is_checked_at_config_load(plugin, entry_point):
         RewardSourceConfig(kind="my_verifiers:absent")
     with pytest.raises(ConfigError, match=r"kind: verifier 'broken': entry point"):
         RewardSourceConfig(kind="broken")
-    with pytest.raises(ConfigError, match=r"kind: missing; one of rm, answer"):
+    with pytest.raises(ConfigError, match=r"kind: missing; one of rm, judge, answer"):
         RewardSourceConfig(kind="")
 
 
