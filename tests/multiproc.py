@@ -17,7 +17,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-REPO = Path(__file__).resolve().parents[1]
+DDP_CONFIG = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "ddp.yaml"
 WRITES_ENV = "POSTTRAIN_WRITES_DIR"
 
 
@@ -31,9 +31,9 @@ def launch(argv: list[str], writes_dir: Path, *, timeout: int = 600) -> dict[int
     """Run `posttrain ARGV` in 2 processes launched with configs/accelerate/ddp.yaml; returns rank -> the paths it
     wrote (resolved), in order. A non-zero exit fails the calling test with the end of stderr."""
     writes_dir.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "accelerate.commands.launch",
-           "--config_file", str(REPO / "configs/accelerate/ddp.yaml"), "--num_processes", "2", "--mixed_precision", "no",
-           "--main_process_port", str(free_port()), __file__, *argv]
+    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--config_file", str(DDP_CONFIG),
+           "--num_processes", "2", "--mixed_precision", "no", "--main_process_port", str(free_port()),
+           __file__, *argv]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
            WRITES_ENV: str(writes_dir)}
     result = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
