@@ -1,10 +1,12 @@
-"""The `posttrain` command: `posttrain run CONFIG.yaml [key=value ...]` and one subcommand per stage.
+"""The `posttrain` command: `posttrain run CONFIG.yaml [key=value ...]`, one subcommand per stage, and the tools
+that read what the stages wrote (inspect, export, chat, status).
 
 One error boundary for every subcommand: an error the user can fix (a bad config key or value, a bad record, a
 missing or unreadable path: ValueError and OSError, which name the file, line and key) prints one line,
 `posttrain STAGE: error: MESSAGE` (`config error:` for the config file and overrides), and exits 2; any other
 exception is a bug and keeps its traceback. Ctrl-C prints where the stage stopped and the command that resumes it,
-and exits 130.
+and exits 130. An unknown command prints one line naming the known ones and exits 2; `posttrain STAGE --help`
+lists the stage's config keys with their types, defaults and help texts.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import sys
 from pathlib import Path
 
 from posttrain.config import ConfigError, load_config
+from posttrain.config_reference import format_keys
 
 # subcommand -> (module, config dataclass, entry function taking the config)
 STAGES = {
@@ -27,6 +30,13 @@ STAGES = {
     "dpo": ("posttrain.dpo", "DPOStageConfig", "train", "Llama 3 DPO on preference pairs"),
     "synth": ("synth.pipeline", "SynthConfig", "run", "teacher-driven synthetic data"),
     "eval": ("rounds.evaluate", "EvalStageConfig", "run", "evaluate a policy on held-out tasks"),
+}
+# tool -> (module with main(argv), help)
+TOOLS = {
+    "inspect": ("posttrain.inspect", "print a record as the model sees it"),
+    "export": ("posttrain.export", "write a model as an HF dir (adapter or merged) or a Meta-native dir"),
+    "chat": ("posttrain.chat_cli", "talk to a model in its own chat template (one-shot with --prompt)"),
+    "status": ("rounds.status", "what a run dir holds: stages done, what runs next, scores, disk used"),
 }
 USER_ERRORS = (ValueError, OSError)
 EXIT_USER_ERROR, EXIT_INTERRUPTED = 2, 130
@@ -79,13 +89,15 @@ def interrupted_message(name: str, cfg, argv: list[str]) -> str:
 
 def _stage_main(name: str, argv: list[str]) -> int:
     module_name, cls_name, fn_name, help_text = STAGES[name]
-    parser = argparse.ArgumentParser(prog=f"posttrain {name}", description=help_text)
+    module = importlib.import_module(module_name)
+    parser = argparse.ArgumentParser(prog=f"posttrain {name}", description=help_text,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=f"config keys:\n{format_keys(getattr(module, cls_name))}")
     parser.add_argument("config", help="YAML config file")
     parser.add_argument("overrides", nargs="*", help="key=value overrides, dotted keys for nested fields")
     if name == "run":
         parser.add_argument("--force", default="", help="comma-separated stages to redo after a config change (or 'all')")
     args = parser.parse_args(argv)
-    module = importlib.import_module(module_name)
     cfg = None
     try:
         cfg = load_config(getattr(module, cls_name), args.config, args.overrides)
@@ -105,23 +117,28 @@ def _stage_main(name: str, argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    commands = {**{k: v[3] for k, v in STAGES.items()}, "inspect": "print a record as the model sees it"}
-    if not argv or argv[0] in ("-h", "--help") or argv[0] not in commands:
+    commands = {**{k: v[3] for k, v in STAGES.items()}, **{k: v[1] for k, v in TOOLS.items()}}
+    if not argv or argv[0] in ("-h", "--help"):
         width = max(map(len, commands))
         lines = "\n".join(f"  {k:<{width}}  {v}" for k, v in commands.items())
-        print(f"usage: posttrain COMMAND ...\n\ncommands:\n{lines}", file=sys.stderr if argv else sys.stdout)
-        return 0 if not argv or argv[0] in ("-h", "--help") else EXIT_USER_ERROR
-    if argv[0] == "inspect":
-        from posttrain.inspect import main as inspect_main
-
-        try:
-            return inspect_main(argv[1:])
-        except USER_ERRORS as e:
-            print(error_line("inspect", e), file=sys.stderr)
-            return EXIT_USER_ERROR
-        except KeyboardInterrupt:
-            return EXIT_INTERRUPTED
+        print(f"usage: posttrain COMMAND ...\n\ncommands:\n{lines}")
+        return 0
+    if argv[0] not in commands:
+        print(f"posttrain: error: unknown command {argv[0]!r}; commands: {', '.join(commands)}", file=sys.stderr)
+        return EXIT_USER_ERROR
+    if argv[0] in TOOLS:
+        return _tool_main(argv[0], argv[1:])
     return _stage_main(argv[0], argv[1:])
+
+
+def _tool_main(name: str, argv: list[str]) -> int:
+    try:
+        return importlib.import_module(TOOLS[name][0]).main(argv)
+    except USER_ERRORS as e:
+        print(error_line(name, e), file=sys.stderr)
+        return EXIT_USER_ERROR
+    except KeyboardInterrupt:
+        return EXIT_INTERRUPTED
 
 
 if __name__ == "__main__":
