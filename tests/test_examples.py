@@ -1,0 +1,63 @@
+"""Every shipped example file loads as the kind of record it is there for (a new file must be listed here)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+
+from posttrain.config import from_dict
+from posttrain.data import read_records
+from rewards.tool_eval import load_eval_set
+from rounds.tasks import Task, TaskConfig
+from synth.tool_backends import LocalCorpusSearch
+from synth.tooluse import load_tasks
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = REPO / "examples"
+
+
+def _task_config(config: str) -> TaskConfig:
+    """The task section of a shipped run config, its file paths taken from the repo root."""
+    task = yaml.safe_load((REPO / config).read_text())["task"]
+    task = {**task, **{k: [str(REPO / p) for p in task.get(k, [])] for k in ("train", "eval")}}
+    return from_dict(TaskConfig, task, source=config)
+
+
+def _task_records(cfg: TaskConfig):
+    def load(path: Path) -> list[dict]:
+        split = "eval" if path.name.startswith("eval") else "train"
+        return list(Task(cfg)._from_files([str(path)], split))  # each line shaped by the task and validated
+    return load
+
+
+MULTIPLICATION = TaskConfig(template="{question}", train=[str(EXAMPLES / "tasks/multiplication/train.jsonl")],
+                            eval=[str(EXAMPLES / "tasks/multiplication/eval.jsonl")])
+LOADERS = {
+    "dpo-pairs.jsonl": lambda p: read_records(p, "preference", strict=True),
+    "prompts-addition.jsonl": lambda p: read_records(p, "prompt", strict=True),
+    "sft-addition.jsonl": lambda p: read_records(p, "sft", strict=True),
+    "sft-chat.jsonl": lambda p: read_records(p, "sft", strict=True),
+    "tasks/chat/train.jsonl": _task_records(_task_config("configs/tasks/style-prefs-3round.yaml")),
+    "tasks/chat/eval.jsonl": _task_records(_task_config("configs/tasks/style-prefs-3round.yaml")),
+    "tasks/constraints/train.jsonl": _task_records(_task_config("configs/tasks/constraints-3round.yaml")),
+    "tasks/constraints/eval.jsonl": _task_records(_task_config("configs/tasks/constraints-3round.yaml")),
+    "tasks/multiplication/train.jsonl": _task_records(MULTIPLICATION),
+    "tasks/multiplication/eval.jsonl": _task_records(MULTIPLICATION),
+    "tools/search_corpus.jsonl": lambda p: LocalCorpusSearch(p).docs,
+    "tools/tasks.jsonl": load_tasks,
+    "tools/tool_eval.jsonl": load_eval_set,
+}
+
+
+def test_every_example_file_has_a_loader():
+    shipped = sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*.jsonl"))
+    assert shipped == sorted(LOADERS)
+
+
+@pytest.mark.parametrize("name", sorted(LOADERS))
+def test_example_loads_every_line(name):
+    path = EXAMPLES / name
+    lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
+    assert len(LOADERS[name](path)) == lines
