@@ -10,7 +10,7 @@ import yaml
 
 from posttrain.cli import main
 from posttrain.config import load_config, to_dict
-from rounds.orchestrator import RunConfig
+from rounds.orchestrator import ROUND_STEPS, RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -54,35 +54,38 @@ def fake_run(root: Path) -> Path:
     return root
 
 
+def _rounds(lines: list[str]) -> dict[str, dict[str, str]]:
+    """{round line: {stage: state}} from status output."""
+    rounds: dict[str, dict[str, str]] = {}
+    for line in lines:
+        if line.startswith("round "):
+            current = rounds.setdefault(line, {})
+        elif line.startswith("  "):
+            stage, state = line.strip().split(None, 1)
+            current[stage] = state
+    return rounds
+
+
 def test_status_of_a_run_that_stopped_in_round_2(tmp_path, capsys):
     root = fake_run(tmp_path / "runs" / "fake")
     assert main(["status", str(root)]) == 0
     lines = capsys.readouterr().out.splitlines()
-    assert lines[:20] == [
-        f"run {root} (2 rounds)",
-        "round 00 (the base model)",
-        "  eval     done: accuracy 8.6%, heldout 8.6%",
-        "round 01",
-        "  prefs    done",
-        "  rm       done",
-        "  samples  done",
-        "  sft      done",
-        "  dpo      done",
-        "  average  off",
-        "  eval     done: accuracy 31.2%, heldout 31.2%, pass8 50.0%",
-        "round 02",
-        "  prefs    skipped: no prompts left to label",
-        "  rm       started, not finished",
-        "  samples  not started",
-        "  sft      not started",
-        "  dpo      not started",
-        "  average  off",
-        "  eval     not started",
-        f"next: round 02 rm ({root / 'round_02' / 'rm'})",
-    ]
-    assert lines[20] == f"policy: {root / 'round_01' / 'dpo' / 'model'}"  # the latest DPO model, not SFT's
-    assert lines[21].startswith("disk: 2.0 MB (round_00 ") and "round_02 2.0 MB" in lines[21]
-    assert len(lines) == 22
+    assert lines[0] == f"run {root} (2 rounds)"
+    rounds = _rounds(lines)
+    assert list(rounds) == ["round 00 (the base model)", "round 01", "round 02"]
+    assert rounds["round 00 (the base model)"] == {"eval": "done: accuracy 8.6%, heldout 8.6%"}
+    assert all(list(stages) == list(ROUND_STEPS) for name, stages in rounds.items() if name != lines[1])
+    assert {k: v for k, v in rounds["round 01"].items() if k != "synth"} == {
+        "prefs": "done", "rm": "done", "samples": "done", "sft": "done", "dpo": "done", "average": "off",
+        "eval": "done: accuracy 31.2%, heldout 31.2%, pass8 50.0%"}
+    assert {k: v for k, v in rounds["round 02"].items() if k != "synth"} == {
+        "prefs": "skipped: no prompts left to label", "rm": "started, not finished", "samples": "not started",
+        "sft": "not started", "dpo": "not started", "average": "off", "eval": "not started"}
+    tail = [line for line in lines if not line.startswith(("run ", "round ", "  "))]
+    assert tail[:2] == [f"next: round 02 rm ({root / 'round_02' / 'rm'})",
+                        f"policy: {root / 'round_01' / 'dpo' / 'model'}"]  # the latest DPO model, not SFT's
+    assert tail[2].startswith("disk: 2.0 MB (round_00 ") and "round_02 2.0 MB" in tail[2]
+    assert len(tail) == 3
 
 
 def test_a_finished_run_says_nothing_runs_next_and_names_its_soup(tmp_path, capsys):
