@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import json
+import re
 from pathlib import Path
 
 import pytest
 import yaml
 
 from posttrain.config import from_dict
-from posttrain.data import read_records
+from posttrain.data import from_openai, from_sharegpt, read_records, validate_messages, validate_record
 from rewards.tool_eval import load_eval_set
 from rounds.tasks import Task, TaskConfig
 from synth.tool_backends import LocalCorpusSearch
@@ -61,3 +63,30 @@ def test_example_loads_every_line(name):
     path = EXAMPLES / name
     lines = sum(1 for line in path.read_text(encoding="utf-8").splitlines() if line.strip())
     assert len(LOADERS[name](path)) == lines
+
+
+# docs/formats.md: every JSON example under a heading validates as that heading's record kind
+DOC_KINDS = {"SFT records": "sft", "Tool dialogs": "sft", "Prompt records": "prompt", "Preference records": "preference",
+             "Samples records": "samples", "ShareGPT and OpenAI messages": "sft"}
+
+
+def _doc_examples() -> list[tuple[str, dict]]:
+    text = (REPO / "docs" / "formats.md").read_text(encoding="utf-8")
+    found = []
+    for section in re.split(r"^## ", text, flags=re.M)[1:]:
+        heading = section.splitlines()[0].split(" (")[0]
+        for block in re.findall(r"```json\n(.*?)```", section, flags=re.S):
+            found += [(heading, json.loads(line)) for line in block.splitlines() if line.strip()]
+    return found
+
+
+def test_every_record_example_in_the_format_doc_validates():
+    examples = _doc_examples()
+    assert {h for h, _ in examples} == {"Messages", *DOC_KINDS}
+    for heading, raw in examples:
+        if heading == "Messages":
+            validate_messages([raw])
+            continue
+        if heading.startswith("ShareGPT"):
+            raw = from_sharegpt(raw) if "conversations" in raw else from_openai(raw)
+        validate_record(raw, DOC_KINDS[heading], f"docs/formats.md {heading}")
