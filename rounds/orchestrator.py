@@ -1,11 +1,12 @@
 """`posttrain run CONFIG.yaml`: the Llama 3 loop for N rounds, resumable, with a report of what each round changed.
 
-Round r (DESIGN.md "One round"), every step a stage dir under `runs/<name>/round_NN/` (layout in rounds/state.py):
+Round r, every step a stage dir under `runs/<name>/round_NN/` (docs/run-dir.md; layout in rounds/state.py):
   prefs    K responses per prompt from the policy of round r-1, labelled (rounds/collect.py)
   rm       a reward model from the BASE on all preference data so far: given + collected + earlier RS pairs
   samples  rejection sampling from the policy of round r-1, scored by this round's RM and/or verifiers
-  sft      from the base (or, with sft.continue_from_policy, the policy of round r-1) on all RS best-of-K so far
-           (or, with sft.recent_rounds, of the last rounds) plus the given SFT data
+  synth    teacher-made SFT data, decontaminated against every eval (rounds/synth_step.py), when configured
+  sft      from the base (or, with sft.continue_from_policy, the policy of round r-1) on all RS picks and synth
+           records so far (or, with sft.recent_rounds, of the last rounds) plus the given SFT data, mixed by sft.mix
   dpo      from this round's SFT model (also the reference) on this round's pairs only
   average  optional soup of this round's SFT and DPO models
   eval     greedy, held-out -> round_NN/eval.json; the round's policy samples in round r+1
@@ -26,12 +27,13 @@ from posttrain.config import ConfigError, LoRAConfig, ModelConfig, check_range, 
 from rounds import stage_configs
 from rounds.collect import LabelsNeeded, PrefsConfig
 from rounds.evaluate import EvalConfig, check_unique_names
+from rounds import synth_step
 from rounds.stage_configs import (PAIR_SOURCES, build, deep_merge, dpo_config, rm_config, rs_config, rs_uses_run_rm,
                                   sft_config, variants)
 from rounds.state import RunDir
 from rounds.tasks import Task, TaskConfig
 
-ROUND_OVERRIDE_KEYS = ("stages", "prefs", "rm", "rs", "sft", "dpo", "average")
+ROUND_OVERRIDE_KEYS = ("stages", "prefs", "rm", "rs", "synth", "sft", "dpo", "average")
 
 
 @dataclasses.dataclass
@@ -74,10 +76,13 @@ class RunConfig:
                                                           "and averages them (variant_weights)")
     rs: dict[str, Any] = field(default_factory=dict, help="SampleStageConfig settings (k, temperature, rewards, ...); "
                                                           "rewards default [{kind: rm}] = this round's RM")
+    synth: synth_step.SynthStepConfig = field(default_factory=synth_step.SynthStepConfig,
+                                              help="teacher-made SFT data each round: builders, teacher, judge")
     sft: dict[str, Any] = field(default_factory=dict, help="SFTStageConfig settings; data: given SFT sources; "
                                                            "continue_from_policy: start from the last policy, not "
                                                            "the base; recent_rounds: N = RS data of the last N "
-                                                           "rounds only (default every round)")
+                                                           "rounds only (default every round); mix: weights by "
+                                                           "source (rs, synth, synth:<kind>, given)")
     dpo: dict[str, Any] = field(default_factory=dict, help="DPOStageConfig settings; pairs_from: this round's rs, "
                                                            "prefs and/or given pairs (default all three)")
     average: AverageConfig = field(default_factory=AverageConfig, help="optional soup of the round's models")
@@ -160,6 +165,7 @@ def validate_round(cfg: RunConfig, r: int) -> None:
     rcfg = round_config(cfg, r)
     try:
         stage_configs.validate(rcfg)
+        synth_step.validate(rcfg)
     except ConfigError as e:
         raise ConfigError(f"round_overrides.{r}.{e}" if _override(cfg, r) else str(e)) from None
     if rcfg.prefs.collects(r) and rcfg.prefs.labeler == "verifier" and rcfg.task.verifier_name is None:
@@ -252,10 +258,17 @@ def latest_pairs(run: Run, rcfg: RunConfig, r: int) -> list[str]:
     return files
 
 
-def sft_files(run: Run, r: int, recent_rounds: int | None = None) -> list[str]:
-    """The RS best-of-K files of rounds 1..r, or of the last `recent_rounds` of them."""
-    first = max(1, r - recent_rounds + 1) if recent_rounds else 1
-    return [str(p) for r_ in range(first, r + 1) if _nonempty(p := run.dir.stage_dir(r_, "samples") / "sft.jsonl")]
+def sft_files(run: Run, rcfg: RunConfig, r: int) -> list[dict]:
+    """The run's SFT sources of round r, weighted by sft.mix: the RS picks and the synth step's records of rounds
+    1..r (or of the last sft.recent_rounds of them)."""
+    recent = rcfg.sft.get("recent_rounds")
+    mix = rcfg.sft.get("mix") or {}
+    found = []
+    for r_ in range(max(1, r - recent + 1) if recent else 1, r + 1):
+        picks = run.dir.stage_dir(r_, "samples") / "sft.jsonl"
+        found += [("rs", str(picks))] if _nonempty(picks) else []
+        found += synth_step.synth_files(run.dir.stage_dir(r_, "synth"))
+    return [{"path": path, "weight": synth_step.mix_weight(mix, tag)} for tag, path in found]
 
 
 def round_prompts(cfg: RunConfig, r: int, kind: str) -> list[dict]:
@@ -393,13 +406,17 @@ def step_samples(run: Run, rcfg: RunConfig, r: int) -> None:
     sample(rs_config(rcfg, policy_after(run, r - 1), prompts, out, rm))
 
 
+def step_synth(run: Run, rcfg: RunConfig, r: int) -> None:
+    synth_step.step_synth(run, rcfg, r, rcfg.synth.teacher.path or policy_after(run, r - 1))
+
+
 def step_sft(run: Run, rcfg: RunConfig, r: int) -> None:
     from posttrain.sft import train
 
     out = run.dir.stage_dir(r, "sft")
-    data = sft_files(run, r, rcfg.sft.get("recent_rounds"))
+    data = sft_files(run, rcfg, r)
     if not data and not rcfg.sft.get("data"):
-        return mark_skipped(run, out, "sft", "no SFT data (no RS record kept, no sft.data)")
+        return mark_skipped(run, out, "sft", "no SFT data (no RS record kept, no synth record, no sft.data)")
     start = policy_after(run, r - 1) if rcfg.sft.get("continue_from_policy") else rcfg.model.path
     configs = _stage_configs(rcfg, "sft", out, lambda d, v: sft_config(rcfg, start, d, data, v))
     train_stage(run, "sft", out, configs, train, rcfg.sft.get("variant_weights"))
@@ -442,12 +459,13 @@ def step_eval(run: Run, rcfg: RunConfig, r: int) -> None:
     run.main_then_wait(evaluate_policy, rcfg, policy_after(run, r), run.dir.eval_path(r), run.state.device)
 
 
-ROUND_STEPS = {"prefs": step_prefs, "rm": step_rm, "samples": step_samples, "sft": step_sft, "dpo": step_dpo,
-               "average": step_average, "eval": step_eval}
+ROUND_STEPS = {"prefs": step_prefs, "rm": step_rm, "samples": step_samples, "synth": step_synth, "sft": step_sft,
+               "dpo": step_dpo, "average": step_average, "eval": step_eval}
 
 
 def enabled(rcfg: RunConfig, r: int, stage: str) -> bool:
     switches = {"prefs": rcfg.prefs.collects(r), "rm": rcfg.stages.rm, "samples": rcfg.stages.rs,
+                "synth": rcfg.synth.runs_in(r),
                 "sft": rcfg.stages.sft, "dpo": rcfg.stages.dpo, "average": bool(rcfg.average.members)}
     return switches.get(stage, True)
 

@@ -63,6 +63,7 @@ def round_row(round_idx: int, d: Path) -> dict:
     """One round's numbers; a missing one is None."""
     ev, rm, prefs = _read_json(d / "eval.json"), _metrics(d / "rm"), _metrics(d / "prefs")
     rs, sft, dpo = _metrics(d / "samples"), _metrics(d / "sft"), _metrics(d / "dpo")
+    synth = _metrics(d / "synth")
     check = _check(rs)
     others = list((ev.get("evals") or {}).items())[1:]  # the first eval is the headline: accuracy above
     return {
@@ -83,7 +84,19 @@ def round_row(round_idx: int, d: Path) -> dict:
         "rs_random": check.get("random"),
         "rs_oracle": check.get("oracle"),
         **{f"eval:{name}": m.get("accuracy") for name, m in others},
+        **({"synth_kept": synth.get("kept"), "synth_decontam": synth.get("decontaminated"),
+            "sft_mix": _mix_text(d / "sft")} if synth else {}),
     }
+
+
+def _mix_text(sft_dir: Path) -> str | None:
+    """The SFT set as trained: training examples per source ("rs 120, synth:general 30")."""
+    from rounds.synth_step import mix_as_trained
+
+    if not (sft_dir / "DONE").is_file():
+        return None
+    mix = mix_as_trained(_read_json(sft_dir / "manifest.json"))
+    return ", ".join(f"{tag} {n}" for tag, n in mix.items()) or None
 
 
 def collect_rows(root: str | Path) -> list[dict]:
@@ -96,10 +109,15 @@ def _cell(value, fmt: str) -> str:
     return fmt.format(int(value) if fmt == "{:d}" else value)
 
 
+SYNTH_COLUMNS = (("synth_kept", "synth kept", "{:d}"), ("synth_decontam", "decontam", "{:d}"),
+                 ("sft_mix", "SFT mix (examples)", "{}"))
+
+
 def columns(rows: list[dict]) -> tuple:
-    """COLUMNS, then one accuracy column per further eval (named after it), in the order they first appear."""
+    """COLUMNS, the synth step's when a round ran it, then one accuracy column per further eval (named after it)."""
     extra = dict.fromkeys(k for row in rows for k in row if k.startswith("eval:"))
-    return (*COLUMNS, *((k, k.removeprefix("eval:"), "{:.1%}") for k in extra))
+    synth = SYNTH_COLUMNS if any("synth_kept" in row for row in rows) else ()
+    return (*COLUMNS, *synth, *((k, k.removeprefix("eval:"), "{:.1%}") for k in extra))
 
 
 def format_table(rows: list[dict]) -> str:
@@ -137,7 +155,7 @@ def plot(rows: list[dict], root: Path) -> bytes:
 
     rewards, lengths = _distributions(root)
     fig, (ax_acc, ax_rew, ax_len) = plt.subplots(1, 3, figsize=(15, 4.2))
-    evals = [(k, f"eval {k.removeprefix('eval:')}") for k, _, _ in columns(rows)[len(COLUMNS):]]
+    evals = [(k, f"eval {k.removeprefix('eval:')}") for k, _, _ in columns(rows) if k.startswith("eval:")]
     for key, label in (("accuracy", "held-out accuracy"), ("rm_accuracy", "RM pairwise accuracy"), *evals):
         points = [(row["round"], row.get(key)) for row in rows if row.get(key) is not None]
         if points:

@@ -17,7 +17,7 @@ from posttrain.config import ConfigError, from_dict, to_dict
 PLACEHOLDER = "<filled in by the run>"  # what validation puts where the run fills in a path
 # keys of a stage section that steer the run and are not fields of the stage config
 RUN_KEYS = {"rm": ("variants", "variant_weights", "pairs_from"), "rs": ("task_verifier",),
-            "sft": ("variants", "variant_weights", "continue_from_policy", "recent_rounds"),
+            "sft": ("variants", "variant_weights", "continue_from_policy", "recent_rounds", "mix"),
             "dpo": ("variants", "variant_weights", "pairs_from")}
 PAIR_SOURCES = ("rs", "prefs", "given")
 TASK_VERIFIER_MODES = ("gate", "audit", "off")  # rs.task_verifier: how RS uses the task's own verifier
@@ -71,12 +71,16 @@ def rm_config(cfg, out: Path, data: list[str], variant: dict | None = None):
     return build(RMStageConfig, d, "rm")
 
 
-def sft_config(cfg, model: str, out: Path, data: list[str], variant: dict | None = None):
+def sft_config(cfg, model: str, out: Path, data: list[str | dict], variant: dict | None = None):
+    """SFT on the given sources (sft.data, each weight times sft.mix.given) and the run's files (a path, or
+    {path, weight})."""
     from posttrain.sft import SFTStageConfig
 
     d = stage_settings(cfg, "sft", variant)
     d["model"]["path"], d["train"]["output_dir"] = model, str(out)
-    d["data"] = list(d.get("data") or []) + [{"path": p} for p in data]
+    given = float((cfg.sft.get("mix") or {}).get("given", 1.0))
+    own = [{**g, "weight": g.get("weight", 1.0) * given} if isinstance(g, dict) else g for g in d.get("data") or []]
+    d["data"] = own + [{"path": p} if isinstance(p, str) else p for p in data]
     return build(SFTStageConfig, d, "sft")
 
 

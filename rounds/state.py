@@ -20,7 +20,7 @@ import yaml
 
 from posttrain.data import atomic_write_json, atomic_write_text
 
-STAGES = ("prefs", "rm", "samples", "sft", "dpo", "average", "eval")
+STAGES = ("prefs", "rm", "samples", "synth", "sft", "dpo", "average", "eval")
 FREE_KEYS = ("rounds",)  # config keys a run may change without --force
 
 

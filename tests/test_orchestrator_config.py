@@ -174,7 +174,7 @@ def test_shipped_run_configs_load(tmp_path):
         assert cfg.model.path == "smollm2-135m-instruct" and cfg.task.eval_prompts >= 128
     task = configs.parent / "examples" / "tasks" / "multiplication"
     fill_in = ["model.path=tiny", f"task.train=[{task / 'train.jsonl'}]", f"task.eval=[{task / 'eval.jsonl'}]",
-               "task.eval_prompts=200"]
+               "task.eval_prompts=200", "task.rs_prompts=100", "task.pref_prompts=50"]
     for name, rounds in (("llama3.1-8b-lora", 3), ("llama3.1-70b-fsdp", 3)):
         with pytest.raises(ConfigError, match="data/train.jsonl"):  # the files to fill in do not exist yet
             load_config(RunConfig, configs / f"{name}.yaml", ["model.path=tiny"])
@@ -213,7 +213,7 @@ def test_round_policy_and_the_data_each_stage_reads_come_from_the_run_dir(tmp_pa
     only_labelled = from_dict(RunConfig, {**BASE, "rm": {"pairs_from": ["prefs"]}})
     assert orchestrator.preference_files(run, only_labelled, 2) == [str(r / "prefs" / "pairs.jsonl") for r in (r1, r2)]
     assert orchestrator.latest_pairs(run, cfg, 2) == [str(r2 / "prefs" / "pairs.jsonl")]
-    assert orchestrator.sft_files(run, 2) == [str(r1 / "samples" / "sft.jsonl")]
+    assert orchestrator.sft_files(run, cfg, 2) == [{"path": str(r1 / "samples" / "sft.jsonl"), "weight": 1.0}]
     assert rm_config(cfg, r2 / "rm", orchestrator.preference_files(run, cfg, 2)).data[0] == "h.jsonl"
 
 
