@@ -26,7 +26,6 @@ Eval records are prompt records with `meta.expected_calls` (and optionally `meta
 
 from __future__ import annotations
 
-import json
 import re
 from collections import Counter
 from pathlib import Path
