@@ -163,10 +163,13 @@ def plot(rows: list[dict], root: Path) -> bytes:
     ax_acc.set(xlabel="round (0 = base)", ylabel="accuracy", ylim=(0, 1), title="accuracy per round",
                xticks=[row["round"] for row in rows])
     ax_acc.legend(loc="lower right")
-    for ax, data, title, ylabel in ((ax_rew, rewards, "RS sample rewards", "reward"),
-                                    (ax_len, lengths, "eval response lengths", "tokens")):
+    for ax, data, title, ylabel, what in (
+            (ax_rew, rewards, "RS sample rewards (weighted sum of sources)", "summed reward", "RS samples"),
+            (ax_len, lengths, "eval response lengths (greedy)", "tokens per response", "eval responses")):
         if data:
-            ax.boxplot(list(data.values()), tick_labels=[str(r) for r in data])
+            boxes = ax.boxplot(list(data.values()), tick_labels=[str(r) for r in data])
+            ax.legend([boxes["medians"][0], boxes["boxes"][0]],
+                      [f"median of the round's {what}", "quartiles; whiskers 1.5 IQR"], loc="best", fontsize=8)
         ax.set(xlabel="round", ylabel=ylabel, title=title)
     fig.tight_layout()
     buffer = io.BytesIO()
