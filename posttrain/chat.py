@@ -90,7 +90,7 @@ def _trained_indices(messages: list[dict], train_on: str) -> set[int]:
 def render(messages: list[dict], tokenizer, *, tools: list | None = None, add_generation_prompt: bool = False,
            train_on: str = "all", tool_format: str = "json", tool_reference: str = "prompt_format",
            date: str | None = DEFAULT_DATE) -> Rendered:
-    """Token ids, supervision mask and format mask of a dialog (messages in DESIGN.md form).
+    """Token ids, supervision mask and format mask of a dialog (messages as in docs/formats.md).
 
     `train_on="last"` trains only the last assistant turn; `tools` (builtin names and/or function definitions) adds the
     Llama 3.1 tool system prompt; `tool_format` (json, function_tag, pythonic) says how custom calls are written, and

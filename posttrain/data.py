@@ -1,6 +1,6 @@
 """Record schemas, reading (JSONL, parquet, HF datasets dirs), validation with file:line errors, atomic writes.
 
-Records (DESIGN.md):
+Records (docs/formats.md):
 - sft:        {"id", "messages", "tools"?, "source"?}
 - prompt:     {"id", "messages" (ends in a user/ipython turn), "tools"?, "meta"?}
 - preference: {"id", "prompt", "chosen", "rejected", "edited"?, "margin"?, "source"?}

@@ -14,7 +14,7 @@ Two references say how a call turn is written; docs/tool-formats.md tabulates bo
   code_interpreter, and then before the turn's content; each call written and tokenised on its own, back to back
   (`[f(a="x")][g()]`, compact ASCII JSON). Where ChatFormat's text would not parse (quotes inside a string, a dict
   in a pythonic call) a valid literal is written instead.
-Calls use the message form of DESIGN.md: `{"type": "function", "function": {"name": str, "arguments": {...}}}`.
+Calls use the message form of docs/formats.md: `{"type": "function", "function": {"name": str, "arguments": {...}}}`.
 """
 
 from __future__ import annotations
