@@ -41,7 +41,7 @@ def config(tmp_path, model_dir, out, *, lora: bool, batch_size: int) -> dict:
                       "report_to": ["none"]}}
 
 
-def launched_like_one(tmp_path, model_dir, *, lora: bool) -> None:
+def assert_launched_like_one(tmp_path, model_dir, *, lora: bool) -> None:
     one = sft.train(from_dict(SFTStageConfig, config(tmp_path, model_dir, tmp_path / "one", lora=lora, batch_size=2)))
     path = tmp_path / "sft.yaml"
     path.write_text(yaml.safe_dump(config(tmp_path, model_dir, tmp_path / "two", lora=lora, batch_size=1)))
@@ -67,9 +67,9 @@ def launched_like_one(tmp_path, model_dir, *, lora: bool) -> None:
 
 @pytest.mark.slow  # one launch of 2 processes: ~35 s on 2 cores
 def test_lora_under_ddp_trains_like_one_process(tmp_path, tiny_model_dir):
-    launched_like_one(tmp_path, tiny_model_dir, lora=True)
+    assert_launched_like_one(tmp_path, tiny_model_dir, lora=True)
 
 
 @pytest.mark.slow  # one launch of 2 processes: ~35 s on 2 cores
 def test_full_finetuning_under_ddp_trains_like_one_process(tmp_path, tiny_model_dir):
-    launched_like_one(tmp_path, tiny_model_dir, lora=False)
+    assert_launched_like_one(tmp_path, tiny_model_dir, lora=False)
