@@ -13,7 +13,7 @@ import io
 import json
 from pathlib import Path
 
-from posttrain.data import atomic_write_bytes, atomic_write_text
+from posttrain.data import atomic_write_bytes, atomic_write_text, iter_raw
 
 # (row key, column header, format)
 COLUMNS = (
@@ -136,8 +136,7 @@ def _distributions(root: Path) -> tuple[dict[int, list[float]], dict[int, list[i
     rewards, lengths = {}, {}
     for r, d in round_dirs(root):
         shards = sorted((d / "samples" / "samples").glob("shard-*.jsonl"))
-        values = [c["reward"] for shard in shards for line in shard.read_text().splitlines() if line.strip()
-                  for c in json.loads(line)["completions"]]
+        values = [c["reward"] for shard in shards for _, record in iter_raw(shard) for c in record["completions"]]
         if values:
             rewards[r] = values
         results = _read_json(d / "eval.json").get("results") or []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from posttrain.data import write_jsonl
 from rounds import report
 
 
@@ -33,8 +34,9 @@ def fake_run(root: Path) -> Path:
         "regex": {"kept_pass_rate": 0.5},  # a check that is not the task's verifier: not the one shown
         "task_verifier": {"kept_pass_rate": 1.0, "picked": 0.625, "random": 0.4375, "oracle": 0.875}}})
     (r1 / "samples" / "samples").mkdir()
-    (r1 / "samples" / "samples" / "shard-00000.jsonl").write_text(
-        json.dumps({"prompt_id": "p", "completions": [{"reward": 1.5}, {"reward": -0.5}]}) + "\n")
+    write_jsonl(r1 / "samples" / "samples" / "shard-00000.jsonl", [{"prompt_id": "p", "completions": [
+        {"reward": 1.5, "text": "one\u2028two\x85three\u2029four"},  # separators str.splitlines() would split at
+        {"reward": -0.5, "text": "x"}]}])
     _stage(r1, "sft", {"final_loss": 0.4567})
     _stage(r1, "dpo", {"loss": 0.6543, "train_loss": 0.7})
     r2 = root / "round_02"
@@ -91,3 +93,8 @@ def test_report_files_embed_the_table_and_the_plot(tmp_path):
     for literal in ("18.8%", "81.2%", "0.4567", "0.6543", "75.0%", "<td>37</td>", "<td>52</td>", "name: fake"):
         assert literal in page, literal
     assert "data:image/png;base64," in page and "<script" not in page and 'src="http' not in page
+
+
+def test_rewards_plot_reads_shards_whose_text_holds_unicode_line_separators(tmp_path):
+    rewards, lengths = report._distributions(fake_run(tmp_path))
+    assert rewards == {1: [1.5, -0.5]} and lengths == {0: [40, 42], 1: [9, 12]}
