@@ -16,7 +16,8 @@ from pathlib import Path
 import yaml
 
 from posttrain.config import ConfigError, from_dict
-from rounds.orchestrator import ROUND_STEPS, Run, RunConfig, enabled, finished, policy_after, round_config
+from rounds.orchestrator import ROUND_STEPS, Run, enabled, finished, policy_after
+from rounds.run_config import RunConfig, round_config
 from rounds.state import RunDir
 
 

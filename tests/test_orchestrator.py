@@ -23,7 +23,7 @@ from posttrain import sft
 from posttrain.cli import main
 from posttrain.config import from_dict, load_config, to_dict
 from rounds import orchestrator, rejection
-from rounds.orchestrator import RunConfig
+from rounds.run_config import RunConfig
 
 STAGE_DIRS = ("prefs", "rm", "samples", "sft", "dpo")
 RECORD_FILES = ("prefs/pairs.jsonl", "samples/sft.jsonl", "samples/pairs.jsonl", "samples/samples/shard-00000.jsonl",

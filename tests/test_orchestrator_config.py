@@ -17,7 +17,8 @@ from posttrain.config import ConfigError, ModelConfig, from_dict, load_config
 from posttrain.data import RecordError
 from rounds import orchestrator
 from rounds.collect import LabelsNeeded, PrefsConfig, collect, scored_pairs
-from rounds.orchestrator import RunConfig, round_config
+from rounds import run_config
+from rounds.run_config import RunConfig, round_config
 from rounds.stage_configs import deep_merge, dpo_config, rm_config, rs_config, sft_config
 from rounds.state import RunDir
 
@@ -252,7 +253,7 @@ def test_rs_gates_on_the_task_verifier_unless_told_otherwise(tmp_path):
 
 def test_preference_collection_is_skipped_when_no_stage_reads_its_pairs(tmp_path, monkeypatch):
     def unused(change: dict) -> str:
-        return orchestrator.prefs_unused(from_dict(RunConfig, deep_merge({**BASE, "rounds": 2}, change)), 1)
+        return run_config.prefs_unused(from_dict(RunConfig, deep_merge({**BASE, "rounds": 2}, change)), 1)
 
     assert unused({}) == ""  # the RM and DPO both read them
     assert unused({"dpo": {"pairs_from": ["rs"]}}) == ""  # the RM still does

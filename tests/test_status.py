@@ -10,7 +10,8 @@ import yaml
 
 from posttrain.cli import main
 from posttrain.config import load_config, to_dict
-from rounds.orchestrator import ROUND_STEPS, RunConfig
+from rounds.orchestrator import ROUND_STEPS
+from rounds.run_config import RunConfig
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -14,7 +14,7 @@ from posttrain.data import RecordError
 from posttrain.generate import Completion
 from rounds import evaluate
 from rounds.evaluate import EvalConfig
-from rounds.orchestrator import RunConfig
+from rounds.run_config import RunConfig
 from rounds.tasks import Task, TaskConfig
 
 REPO = Path(__file__).resolve().parents[1]
