@@ -1,6 +1,7 @@
 """A whole tiny `posttrain run` round under `accelerate launch` with 2 CPU processes (DDP over gloo) against the same
 round in one process: every record file byte-identical, every stage finished, the training losses equal within
-float32 reduction noise, and only process 0 writing the run's config, manifests, markers, evals and report.
+float32 reduction noise, and only process 0 writing the run's config, manifests, markers, evals and report. The
+2-process run is killed first: process 1 dies as it writes its RS shard, and the same command, run again, resumes.
 
 RS scores with a rule (does the response start with a space) rather than the round's reward model: two processes
 reduce the RM's gradients in another order, and rewards a few ulps apart would change the bytes of every shard.
@@ -52,9 +53,14 @@ def test_two_processes_run_a_round_like_one(tmp_path, tiny_model_dir):
     with contextlib.redirect_stdout(io.StringIO()):
         assert main(["run", str(one_round_config(one, tiny_model_dir))]) == 0
     two = tmp_path / "two"
-    writes = launch(["run", str(one_round_config(two, tiny_model_dir)), *HALF_BATCH], tmp_path / "writes")
-
+    argv = ["run", str(one_round_config(two, tiny_model_dir)), *HALF_BATCH]
+    killed = launch(argv, tmp_path / "killed", kill=(1, "round_01/samples/samples/shard-00001"))
     ref, got = one / "runs" / "tiny", two / "runs" / "tiny"
+    assert not (got / "round_01" / "samples" / "DONE").exists()
+    kept = {p: p.stat().st_mtime_ns for stage in ("prefs", "rm") for p in (got / "round_01" / stage).rglob("*")}
+    writes = launch(argv, tmp_path / "writes")
+
+    assert kept and {p: p.stat().st_mtime_ns for p in kept} == kept  # stages finished before the kill: kept as they are
     assert records(got) == records(ref) and "round_01/samples/sft.jsonl" in records(ref)
     for stage in STAGE_DIRS:
         assert (got / "round_01" / stage / "DONE").is_file(), stage
@@ -67,7 +73,7 @@ def test_two_processes_run_a_round_like_one(tmp_path, tiny_model_dir):
     assert (got / "round_01" / "eval.json").is_file() and (got / "report.html").is_file()
 
     assert any(p.name == "DONE" for p in writes[0])
-    by_rank_1 = [p for p in writes[1] if p.name in RANK_0_ONLY]
+    by_rank_1 = [p for p in killed[1] + writes[1] if p.name in RANK_0_ONLY]
     assert by_rank_1 == [], by_rank_1
     # process 1 samples every other RS shard itself
     assert got.resolve() / "round_01/samples/samples/shard-00001.jsonl" in writes[1]
