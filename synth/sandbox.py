@@ -40,7 +40,6 @@ SANDBOX_WORK = "/sandbox/work"  # the program's cwd and HOME, a private tmpfs
 SYSTEM_DIRS = ("/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32")  # symlinks into /usr on merged-usr systems
 SYSTEM_FILES = ("/etc/ld.so.cache", "/etc/ld.so.conf", "/etc/ld.so.conf.d", "/etc/alternatives", "/etc/localtime")
 PATH = "/usr/local/bin:/usr/bin:/bin"
-PROBE_TIMEOUT_S = 20
 
 # Runs first inside the sandbox: copy the input files in, drop root, set limits, exec the program.
 # Copying happens before RLIMIT_FSIZE so inputs are not cut; NPROC is set after the uid switch so it counts
@@ -155,7 +154,11 @@ def _seccomp_filter(staging: Path):
 
 @functools.lru_cache(maxsize=None)
 def _bwrap_failure(python: str, prefix: str) -> str | None:
-    """Why bwrap cannot start `python` under the syscall filter here (None: it can); probed once per interpreter."""
+    """Why bwrap cannot start `python` under the syscall filter here (None: it can); probed once per interpreter.
+
+    The probe has no time limit: on a loaded machine a start can take any time, and a slow start is not a missing
+    bwrap (what this answers is cached for the whole process).
+    """
     if shutil.which("bwrap") is None:
         return "bwrap is not installed"
     if seccomp.unavailable():
@@ -163,19 +166,23 @@ def _bwrap_failure(python: str, prefix: str) -> str | None:
     with tempfile.TemporaryDirectory(prefix="sandbox-probe-") as staging, _seccomp_filter(Path(staging)) as fd:
         argv = _bwrap_argv(prefix, staging, 1 << 20, os.geteuid() == 0, fd) + [python, "-c", "print('ok')"]
         try:
-            done = subprocess.run(argv, capture_output=True, timeout=PROBE_TIMEOUT_S, env={"PATH": PATH},
+            done = subprocess.run(argv, stdin=subprocess.DEVNULL, capture_output=True, env={"PATH": PATH},
                                   pass_fds=(fd,))
-        except (OSError, subprocess.TimeoutExpired) as e:
+        except OSError as e:
             return f"bwrap did not run: {e}"
     if done.returncode == 0 and done.stdout.strip() == b"ok":
         return None
     return f"bwrap failed (exit {done.returncode}): {done.stderr.decode(errors='replace').strip()[-300:]}"
 
 
+def isolation_failure(python: str | None = None) -> str | None:
+    """Why no OS isolation works here for `python` (default: this interpreter's base install); None where bwrap does."""
+    return _bwrap_failure(*_python_install(python))
+
+
 def isolation_available(python: str | None = None) -> str | None:
     """The isolation `run_python` would use ("bwrap"), or None where no OS isolation works."""
-    executable, prefix = _python_install(python)
-    return None if _bwrap_failure(executable, prefix) else "bwrap"
+    return None if isolation_failure(python) else "bwrap"
 
 
 def _write_inputs(staging: Path, code: str, files: dict | None, stdin: str | bytes | None) -> None:

@@ -11,7 +11,7 @@ import pytest
 from posttrain.config import from_dict
 from posttrain.tools import make_call
 from synth import tool_backends
-from synth.sandbox import SandboxUnavailable, isolation_available
+from synth.sandbox import SandboxUnavailable
 from synth.tool_backends import (CodeInterpreter, LocalCorpusSearch, MockFunctions, PythonFunctions, SympyMath,
                                  ToolBackends, ToolBackendsConfig, ToolError)
 
@@ -20,7 +20,7 @@ CORPUS = EXAMPLES / "search_corpus.jsonl"
 WEATHER = {"type": "function", "function": {"name": "get_weather", "description": "weather in a city", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}, "unit": {"type": "string", "enum": ["celsius", "fahrenheit"]}},
     "required": ["city"]}}}
-needs_sandbox = pytest.mark.skipif(isolation_available() is None, reason="no bubblewrap isolation here")
+needs_sandbox = pytest.mark.sandbox
 
 
 class FakeSearch:

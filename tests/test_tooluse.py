@@ -12,7 +12,6 @@ from posttrain import chat
 from posttrain.data import RecordError, validate_record
 from posttrain.tokenizer import END_HEADER, EOM, EOT, PYTHON_TAG, START_HEADER
 from posttrain.tools import format_tool_definitions, make_call
-from synth.sandbox import isolation_available
 from synth.teacher import ScriptedTeacher
 from synth.tool_backends import ToolBackendsConfig
 from synth.tooluse import Dialog, ToolUseConfig, load_tasks, teacher_prompt, tool_dialogs
@@ -31,7 +30,7 @@ CURRENCY = {"type": "function", "function": {"name": "convert_currency", "descri
                                                  "amount": {"type": "number"}, "from_currency": {"type": "string"},
                                                  "to_currency": {"type": "string"}},
                                                  "required": ["amount", "from_currency", "to_currency"]}}}
-needs_sandbox = pytest.mark.skipif(isolation_available() is None, reason="no bubblewrap isolation here")
+needs_sandbox = pytest.mark.sandbox
 
 
 def run(tmp_path, tasks: list[dict], outputs: list[str], **overrides):

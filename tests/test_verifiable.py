@@ -6,7 +6,6 @@ import pytest
 from rewards.verifiable import (VERIFIERS, answer_match, exact_match, extract_code, extract_final_answer, extract_json,
                                 json_schema_errors, json_schema_match, regex_match, schema_errors, tool_call_errors,
                                 tool_call_valid, unit_tests)
-from synth.sandbox import isolation_available
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -107,8 +106,7 @@ def test_extract_code(text, expected):
     assert extract_code(text) == expected
 
 
-needs_sandbox = pytest.mark.skipif(isolation_available() is None,
-                                   reason="no OS isolation here: install bubblewrap (apt-get install -y bubblewrap)")
+needs_sandbox = pytest.mark.sandbox
 ADD_TESTS = "assert add(2, 3) == 5\nassert add(-1, 1) == 0"
 
 
