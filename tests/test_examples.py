@@ -1,7 +1,8 @@
-"""Every shipped example file loads as the kind of record it is there for (a new file must be listed here)."""
+"""Every shipped example file loads as what it is there for (a new file must be listed here)."""
 
 from __future__ import annotations
 
+import csv
 import json
 import re
 from pathlib import Path
@@ -13,7 +14,7 @@ from posttrain.config import from_dict
 from posttrain.data import from_openai, from_sharegpt, read_records, validate_messages, validate_record
 from rewards.tool_eval import load_eval_set
 from rounds.tasks import Task, TaskConfig
-from synth.tool_backends import LocalCorpusSearch
+from synth.tool_backends import LocalCorpusSearch, PythonFunctions
 from synth.tooluse import load_tasks
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +54,41 @@ LOADERS = {
 }
 
 
+def _functions(path: Path) -> list[str]:
+    """The names of the functions, loaded as configs/synth-tooluse.yaml's `tooluse.backends.functions` names them."""
+    registry = PythonFunctions(f"{path}:FUNCTIONS").registry
+    assert all(callable(fn) for fn in registry.values())
+    return sorted(registry)
+
+
+def _task_input_rows(path: Path) -> list[dict]:
+    """The rows of a CSV that a task in examples/tools/tasks.jsonl hands the code interpreter."""
+    named = [task for task in load_tasks(EXAMPLES / "tools" / "tasks.jsonl")
+             if path.resolve() in {Path(p).resolve() for p in task["files"].values()}]
+    assert named, f"{path}: no task in examples/tools/tasks.jsonl names it"
+    with path.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    assert all(int(row["units"]) > 0 and float(row["price_usd"]) > 0 for row in rows)
+    return rows
+
+
+# files that are not records: how each loads, and what it must hold
+OTHER_LOADERS = {
+    "tools/functions.py": (_functions, ["convert_currency", "get_weather"]),
+    "tools/sales.csv": (lambda p: len(_task_input_rows(p)), 6),
+}
+
+
 def test_every_example_file_has_a_loader():
-    shipped = sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*.jsonl"))
-    assert shipped == sorted(LOADERS)
+    shipped = sorted(str(p.relative_to(EXAMPLES)) for p in EXAMPLES.rglob("*")
+                     if p.is_file() and "__pycache__" not in p.parts)
+    assert shipped == sorted([*LOADERS, *OTHER_LOADERS])
+
+
+@pytest.mark.parametrize("name", sorted(OTHER_LOADERS))
+def test_other_example_loads(name):
+    load, expected = OTHER_LOADERS[name]
+    assert load(EXAMPLES / name) == expected
 
 
 @pytest.mark.parametrize("name", sorted(LOADERS))
