@@ -3,8 +3,9 @@ every log-prob, + 0.2 × NLL on chosen. The reference is this round's SFT model 
 
 Flow: read, validate and tokenize every pair (a bad pair stops here, naming file:line, before anything is written)
 -> seed every RNG, load policy (LoRA or full) and reference -> train, resuming from the last complete checkpoint ->
-save the model atomically -> manifest.json -> DONE. The output dir follows posttrain.outdir: a dir of other files
-is refused, a finished run of this config and data is returned as is, one of another config refused. It holds:
+save the model atomically -> manifest.json -> DONE. The output dir follows the stage contract of posttrain.outdir:
+a dir of other files is refused, a finished run of this config and data is returned as is, one of another config
+or other data refused. It holds:
 
     model/          merged weights (or the adapter when lora.merge is false) and the tokenizer
     checkpoints/    trainer checkpoints (resume)
@@ -17,7 +18,6 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 import random
 import shutil
 from pathlib import Path
@@ -30,20 +30,11 @@ from trl import DPOConfig, DPOTrainer
 from posttrain import accel, outdir, stage
 from posttrain.accel import AccelConfig
 from posttrain.compat import checkpointing_args
-from posttrain.backbone import apply_lora, load_model, load_tokenizer_for, merge_lora, resolve_dtype, save_model
+from posttrain.backbone import apply_lora, load_model, load_tokenizer_for, resolve_dtype
 from posttrain.chat import render
-from posttrain.config import (
-    ConfigError,
-    LoRAConfig,
-    ModelConfig,
-    TrainConfig,
-    blame,
-    check_choice,
-    check_range,
-    field,
-    to_dict,
-)
-from posttrain.data import RecordError, UniqueIds, atomic_write_json, atomic_write_text, file_sha256, iter_raw
+from posttrain.config import (ConfigError, LoRAConfig, ModelConfig, TrainConfig, blame, check_choice, check_range,
+                              field, to_dict)
+from posttrain.data import RecordError, UniqueIds, file_sha256, iter_raw
 from posttrain.data import surely_longer_than, validate_record
 from posttrain.losses import dpo_loss, policy_logps
 from posttrain.tools import CUSTOM_FORMATS
@@ -342,33 +333,6 @@ def build_trainer(cfg: DPOStageConfig, pairs: list[dict], tokenizer, out: Path) 
     return trainer
 
 
-def _model_kind(cfg: DPOStageConfig) -> str:
-    return "adapter" if cfg.lora.enabled and not cfg.lora.merge else "merged" if cfg.lora.enabled else "full"
-
-
-def _save_model(trainer: LlamaDPOTrainer, cfg: DPOStageConfig, tokenizer, path: Path) -> None:
-    """The final model and tokenizer into `path`, written beside it and moved in: merged weights (full, or LoRA with
-    merge), the adapter alone, or under FSDP the gathered full weights (every rank takes part)."""
-    main = trainer.accelerator.is_main_process
-    tmp = path.with_name(f".{path.name}.tmp")
-    if main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if trainer.is_fsdp_enabled:
-        trainer.save_model(str(tmp))  # the trainer saves the tokenizer (processing_class) too
-    elif main and _model_kind(cfg) != "adapter":
-        save_model(merge_lora(trainer.accelerator.unwrap_model(trainer.model)), tmp, tokenizer=tokenizer)
-    elif main:
-        model = trainer.accelerator.unwrap_model(trainer.model)
-        base = Path(cfg.model.path)
-        model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else str(base)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-    trainer.accelerator.wait_for_everyone()
-    if main:
-        shutil.rmtree(path, ignore_errors=True)
-        os.replace(tmp, path)
-
-
 def _final_metrics(trainer: LlamaDPOTrainer, cfg: DPOStageConfig, result) -> dict:
     """The last logged window of DPO metrics (loss = loss/dpo + nll_weight × nll over it), plus run totals."""
     last = next((h for h in reversed(trainer.state.log_history) if "rewards/margins" in h), {})
@@ -384,8 +348,7 @@ def _final_metrics(trainer: LlamaDPOTrainer, cfg: DPOStageConfig, result) -> dic
 def train(cfg: DPOStageConfig) -> dict:
     """Run the DPO stage into cfg.train.output_dir and return its manifest (a finished dir is returned as is)."""
     out = Path(cfg.train.output_dir)
-    outdir.check_writable(out, "dpo")
-    done = outdir.reuse_finished(out, "DPO", to_dict(cfg), [d.path for d in cfg.data],
+    done = outdir.reuse_finished(out, "dpo", to_dict(cfg), [d.path for d in cfg.data],
                                  lambda m: [source["sha256"] for source in m["inputs"]["data"]])
     if done is not None:
         return done
@@ -400,14 +363,10 @@ def train(cfg: DPOStageConfig) -> dict:
         "stage": "dpo",
         "inputs": {"model": cfg.model.path, "reference": cfg.ref_model_path or cfg.model.path, "data": inputs},
         "config": to_dict(cfg),
-        "outputs": {"model": "model", "model_kind": _model_kind(cfg), "logs": "logs"},
+        "outputs": {"model": "model", "model_kind": outdir.model_kind(cfg.lora), "logs": "logs"},
         "metrics": {**_final_metrics(trainer, cfg, result), "pairs": len(pairs),
                     "world_size": trainer.accelerator.num_processes},
         "versions": stage.versions(),
     }
-    _save_model(trainer, cfg, tokenizer, out / "model")
-    if trainer.accelerator.is_main_process:
-        atomic_write_json(out / "manifest.json", manifest)
-        atomic_write_text(out / "DONE", "")
-    trainer.accelerator.wait_for_everyone()
+    outdir.finish(trainer, out, manifest, tokenizer=tokenizer, lora=cfg.lora, base=cfg.model.path, model_dir="model")
     return manifest

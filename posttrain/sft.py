@@ -3,11 +3,10 @@
 `train(cfg)` reads and validates every record (errors name file:line and field, before any training), renders each
 to input_ids + labels (-100 where the render mask is False), mixes the sources by weight, packs whole examples into
 rows (packing.py), seeds every RNG, builds the model (LoRA or all weights) and trains, resuming from the last
-checkpoint in `train.output_dir`. The output dir rules are posttrain.outdir's: a dir of other files is refused; a
-finished run of the same config and data is returned as is; a rerun with another config trains anew (from the
-last checkpoint, with `resume`) while the finished model stays until the new one is saved to a temp dir and moved
-in, then `manifest.json`, then `DONE`. Under `accelerate launch` every rank builds the same data and trains; only
-rank 0 writes the model, manifest and DONE.
+checkpoint in `train.output_dir`. The output dir follows the stage contract of posttrain.outdir: a dir of other
+files is refused; a finished run of the same config and data is returned as is, one of another config or other data
+refused; the model is saved to a temp dir and moved in, then `manifest.json`, then `DONE`. Under
+`accelerate launch` every rank builds the same data and trains; only rank 0 writes the model, manifest and DONE.
 """
 
 from __future__ import annotations
@@ -28,18 +27,9 @@ from trl import SFTTrainer
 from posttrain import accel, backbone, chat, outdir, stage
 from posttrain.accel import AccelConfig
 from posttrain.compat import checkpointing_args
-from posttrain.config import (
-    ConfigError,
-    LoRAConfig,
-    ModelConfig,
-    TrainConfig,
-    blame,
-    check_choice,
-    check_range,
-    field,
-    to_dict,
-)
-from posttrain.data import CONVERTERS, RecordError, UniqueIds, atomic_write_json, atomic_write_text, file_sha256
+from posttrain.config import (ConfigError, LoRAConfig, ModelConfig, TrainConfig, blame, check_choice, check_range,
+                              field, to_dict)
+from posttrain.data import CONVERTERS, RecordError, UniqueIds, file_sha256
 from posttrain.data import clip_contents, iter_raw, surely_longer_than, validate_record
 from posttrain.packing import IGNORE_INDEX, PackedCollator, pack
 from posttrain.tools import CUSTOM_FORMATS
@@ -47,9 +37,6 @@ from posttrain.tools import CUSTOM_FORMATS
 log = logging.getLogger(__name__)
 
 TRUNCATION = ("error", "drop", "truncate")
-TMP_MODEL_DIR = ".model.tmp"
-# What a finished run leaves in output_dir besides checkpoints and logs; a rerun replaces it once its model is saved.
-STALE_OUTPUTS = ("manifest.json", "*.safetensors", "*.safetensors.index.json", "adapter_config.json", "*.bin", "*.pth")
 
 
 @dataclasses.dataclass
@@ -314,36 +301,11 @@ def _choose_pad_token(tokenizer, rows: list[dict]) -> None:
 
 
 def _prepare_output_dir(out: Path, resume: bool) -> None:
-    """Claim `out` for SFT and drop an unfinished model save; without resume, old checkpoints too, so none is picked
-    up. A finished model stays until the new one replaces it."""
+    """Claim `out` for SFT; without resume, drop old checkpoints, so none is picked up."""
     outdir.claim(out, "sft")
-    shutil.rmtree(out / TMP_MODEL_DIR, ignore_errors=True)
     if not resume:
         for old in out.glob("checkpoint-*"):
             shutil.rmtree(old)
-
-
-def _base_reference(path: str) -> str:
-    """What an adapter's `base_model_name_or_path` should say: an absolute path when the base is on disk."""
-    return str(Path(path).resolve()) if Path(path).exists() else path
-
-
-def _save_model(trainer, cfg: SFTStageConfig, tokenizer, tmp: Path) -> None:
-    """Write the final model into `tmp`: merged weights, base-referencing adapter, or full weights (FSDP-gathered)."""
-    if trainer.is_fsdp_enabled:
-        trainer.save_model(str(tmp))  # every rank takes part in gathering the shards
-        return
-    if not trainer.is_world_process_zero():
-        return
-    model = trainer.model
-    if cfg.lora.enabled and not cfg.lora.merge:
-        model.peft_config["default"].base_model_name_or_path = _base_reference(cfg.model.path)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        return
-    if cfg.lora.enabled:
-        model = backbone.merge_lora(model)
-    backbone.save_model(model, tmp, format="hf", tokenizer=tokenizer)
 
 
 def _metrics(trainer, result, meter: SessionMeter, eval_metrics: dict) -> dict:
@@ -366,7 +328,7 @@ def _metrics(trainer, result, meter: SessionMeter, eval_metrics: dict) -> dict:
 def _manifest(cfg: SFTStageConfig, sources: list[dict], metrics: dict) -> dict:
     inputs = [{**s, "sha256": file_sha256(s["path"])} for s in sources]
     model_path = Path(cfg.model.path)
-    model = {"path": _base_reference(cfg.model.path)}
+    model = {"path": outdir.base_reference(cfg.model.path)}
     if model_path.is_file():
         model["sha256"] = file_sha256(model_path)
     elif (model_path / "config.json").is_file():
@@ -375,26 +337,17 @@ def _manifest(cfg: SFTStageConfig, sources: list[dict], metrics: dict) -> dict:
             "versions": stage.versions()}
 
 
-def finished(cfg: SFTStageConfig) -> dict | None:
-    """The manifest of a finished run of this config and these data files in train.output_dir, else None."""
-    manifest, changed = outdir.compare_finished(Path(cfg.train.output_dir), to_dict(cfg), [d.path for d in cfg.data],
-                                                lambda m: [source["sha256"] for source in m["inputs"]])
-    return manifest if manifest is not None and not changed else None
-
-
 def train(cfg: SFTStageConfig) -> dict:
-    """Run the SFT stage; returns its metrics (also in output_dir/manifest.json)."""
+    """Run the SFT stage; returns its metrics (also in output_dir/manifest.json; a finished dir's as they are)."""
     out = Path(cfg.train.output_dir)
-    outdir.check_writable(out, "sft")
-    done = finished(cfg)
+    done = outdir.reuse_finished(out, "sft", to_dict(cfg), [d.path for d in cfg.data],
+                                 lambda m: [source["sha256"] for source in m["inputs"]])
     if done is not None:
-        log.info("sft: %s already holds this run, finished", out)
         return done["metrics"]
     with blame("model.path"):
         tokenizer = backbone.load_tokenizer_for(cfg.model.path)
     train_rows, eval_rows, sources = render_sources(cfg, tokenizer)  # every record checked before anything is written
     args = _trainer_args(cfg, has_eval=bool(eval_rows))
-    state = args.distributed_state
     meter = SessionMeter()
     trainer = _build_trainer(cfg, args, tokenizer, train_rows, eval_rows, meter)
     checkpoint = stage.last_checkpoint(out) if cfg.resume else None
@@ -403,17 +356,6 @@ def train(cfg: SFTStageConfig) -> dict:
     result = trainer.train(resume_from_checkpoint=checkpoint)
     eval_metrics = {"eval_loss": trainer.evaluate()["eval_loss"]} if eval_rows else {}
     metrics = _metrics(trainer, result, meter, eval_metrics)
-
-    tmp = out / TMP_MODEL_DIR
-    try:
-        _save_model(trainer, cfg, tokenizer, tmp)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            outdir.replace_model(tmp, out, STALE_OUTPUTS)
-            atomic_write_json(out / "manifest.json", _manifest(cfg, sources, metrics))
-            atomic_write_text(out / "DONE", "")
-    finally:
-        if state.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-    state.wait_for_everyone()
+    outdir.finish(trainer, out, _manifest(cfg, sources, metrics), tokenizer=tokenizer, lora=cfg.lora,
+                  base=cfg.model.path)
     return metrics

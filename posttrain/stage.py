@@ -9,7 +9,6 @@ on the device instead and reduces them over processes in one collective when the
 from __future__ import annotations
 
 import os
-import shutil
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
 
@@ -115,16 +114,6 @@ def tensorboard(report_to: list[str], logging_dir: Path) -> list:
     callback = TensorBoardCallback()
     callback.logging_dir = str(logging_dir)
     return [callback]
-
-
-def publish(tmp: Path, out: Path) -> None:
-    """Move the finished model files from the temp dir `tmp` into `out` (a dir already there is replaced)."""
-    for entry in tmp.iterdir():
-        target = out / entry.name
-        if target.is_dir():
-            shutil.rmtree(target)
-        entry.replace(target)
-    tmp.rmdir()
 
 
 def last_checkpoint(directory: Path) -> str | None:

@@ -4,8 +4,8 @@
 anything is written) -> drop unclear preferences (`margin` below `min_margin`, a label outside `keep_labels`) ->
 seeded train / held-out split by prompt -> render prompt + each response with `posttrain.chat.render` -> TRL's
 RewardTrainer with the recipe's loss over every implied pair (rows optionally packed, see rewards/packing.py) ->
-held-out pairwise accuracy -> the RM dir: model + score head (merged, or base + LoRA adapter), tokenizer,
-manifest.json, logs/ (TensorBoard), DONE written last.
+held-out pairwise accuracy -> the RM dir (the stage contract of posttrain.outdir): model + score head (merged, or
+base + LoRA adapter), tokenizer, manifest.json, logs/ (TensorBoard), DONE written last.
 `RewardModel.from_pretrained(dir).score(prompts, completions)` scores (prompt, completion) pairs in length-sorted
 batches.
 """
@@ -33,7 +33,7 @@ from posttrain.compat import checkpointing_args
 from posttrain.config import (ConfigError, LoRAConfig, ModelConfig, TrainConfig, blame, check_choice, check_range,
                               field, to_dict)
 from posttrain.tokenizer import load_tokenizer
-from posttrain.data import atomic_write_json, atomic_write_text, file_sha256, read_records, surely_longer_than
+from posttrain.data import file_sha256, read_records, surely_longer_than
 from rewards.packing import collate, response_rewards
 
 RESPONSE_KEYS = ("edited", "chosen", "rejected")  # rank order, best first
@@ -245,7 +245,6 @@ def _build_trainer(cfg: RMStageConfig, tokenizer, train_examples: list[dict], ev
     args = _trainer_args(cfg, out)
     if args.distributed_state.is_main_process:  # before the trainer creates checkpoints/
         outdir.claim(out, "rm")
-        shutil.rmtree(out / TMP_MODEL_DIR, ignore_errors=True)
     args.distributed_state.wait_for_everyone()
     return _RMTrainer(
         model=model,
@@ -257,31 +256,6 @@ def _build_trainer(cfg: RMStageConfig, tokenizer, train_examples: list[dict], ev
         processing_class=tokenizer,
         callbacks=callbacks,
     )
-
-
-TMP_MODEL_DIR = ".rm-tmp"
-# Model files of an unfinished earlier attempt: replaced with the new model, so an adapter_config.json, say, cannot
-# linger beside merged weights.
-STALE_OUTPUTS = ("manifest.json", "*.safetensors", "*.safetensors.index.json", "adapter_config.json", "*.bin")
-
-
-def _save_rm(trainer, cfg: RMStageConfig, tokenizer, tmp: Path) -> str:
-    """Write the RM into `tmp`: merged weights + score head, base-referencing adapter (it carries the score head), or
-    full weights (FSDP-gathered). Returns the format written ("" on ranks that write nothing)."""
-    if trainer.is_fsdp_enabled:
-        trainer.save_model(str(tmp))  # every rank takes part in gathering the shards
-        return "full"
-    if not trainer.is_world_process_zero():
-        return ""
-    model = trainer.model
-    if cfg.lora.enabled and not cfg.lora.merge:
-        base = Path(cfg.model.path)
-        model.peft_config["default"].base_model_name_or_path = str(base.resolve()) if base.exists() else str(base)
-        model.save_pretrained(str(tmp))
-        tokenizer.save_pretrained(str(tmp))
-        return "adapter"
-    backbone.save_model(backbone.merge_lora(model), tmp, format="hf", tokenizer=tokenizer)
-    return "merged" if cfg.lora.enabled else "full"
 
 
 def _prepare_data(cfg: RMStageConfig, tokenizer) -> tuple[list[dict], list[dict], dict[str, int]]:
@@ -309,8 +283,7 @@ def train(cfg: RMStageConfig) -> dict:
     resumes from its last checkpoint. Under `accelerate launch` every rank builds the same data and trains; rank 0
     writes the model, manifest and DONE."""
     out = Path(cfg.train.output_dir)
-    outdir.check_writable(out, "rm")
-    done = outdir.reuse_finished(out, "RM", to_dict(cfg), cfg.data, lambda m: list(m["inputs"].values()))
+    done = outdir.reuse_finished(out, "rm", to_dict(cfg), cfg.data, lambda m: [m["inputs"][path] for path in cfg.data])
     if done is not None:
         return done["metrics"]
     with blame("model.path"):
@@ -319,31 +292,19 @@ def train(cfg: RMStageConfig) -> dict:
     trainer = _build_trainer(cfg, tokenizer, train_examples, eval_examples, out)
     if trainer.is_fsdp_enabled and cfg.lora.enabled:
         raise ConfigError("lora.enabled: LoRA runs under DDP (configs/accelerate/ddp.yaml); FSDP is for full weights")
-    state = trainer.args.distributed_state
     checkpoints = out / "checkpoints"
-    last_checkpoint = stage.last_checkpoint(checkpoints)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    result = trainer.train(resume_from_checkpoint=stage.last_checkpoint(checkpoints))
     # TRL's log adds the last logging window's accuracy and margin to the train metrics: name them as such
     train_metrics = {f"train_{k}" if k in ("accuracy", "margin", "scored_pairs") else k: v
                      for k, v in result.metrics.items()}
     metrics = {**train_metrics, **(trainer.evaluate() if eval_examples else {}), **counts,
                "world_size": trainer.accelerator.num_processes}
-    tmp = out / TMP_MODEL_DIR
-    try:
-        fmt = _save_rm(trainer, cfg, tokenizer, tmp)
-        state.wait_for_everyone()
-        if state.is_main_process:
-            outdir.replace_model(tmp, out, STALE_OUTPUTS)
-            manifest = {"stage": "rm", "format": fmt, "base_model": cfg.model.path,
-                        "inputs": {str(path): file_sha256(path) for path in cfg.data},
-                        "config": to_dict(cfg), "metrics": metrics, "versions": stage.versions()}
-            atomic_write_json(out / "manifest.json", manifest)
-            shutil.rmtree(checkpoints, ignore_errors=True)  # only needed to resume an unfinished run
-            atomic_write_text(out / "DONE", "")
-    finally:
-        if state.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-    state.wait_for_everyone()
+    manifest = {"stage": "rm", "format": outdir.model_kind(cfg.lora), "base_model": cfg.model.path,
+                "inputs": {str(path): file_sha256(path) for path in cfg.data},
+                "config": to_dict(cfg), "metrics": metrics, "versions": stage.versions()}
+    outdir.finish(trainer, out, manifest, tokenizer=tokenizer, lora=cfg.lora, base=cfg.model.path)
+    if trainer.accelerator.is_main_process:
+        shutil.rmtree(checkpoints, ignore_errors=True)  # only needed to resume an unfinished run
     return metrics
 
 

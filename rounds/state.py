@@ -19,6 +19,7 @@ from pathlib import Path
 import yaml
 
 from posttrain.data import atomic_write_json, atomic_write_text
+from posttrain.outdir import changed_keys
 
 STAGES = ("prefs", "rm", "samples", "synth", "sft", "dpo", "average", "eval")
 FREE_KEYS = ("rounds",)  # config keys a run may change without --force
@@ -66,8 +67,7 @@ class RunDir:
         if not path.is_file() or force:
             return
         previous = yaml.safe_load(path.read_text())
-        changed = sorted(k for k in set(previous) | set(resolved)
-                         if k not in FREE_KEYS and previous.get(k) != resolved.get(k))
+        changed = [k for k in changed_keys(previous, resolved) if k.split(".")[0] not in FREE_KEYS]
         if changed:
             raise ValueError(
                 f"{path}: the config differs from the one this run started with (changed: {', '.join(changed)}); "

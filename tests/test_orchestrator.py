@@ -224,6 +224,16 @@ def test_killed_at_every_boundary_and_mid_stage_resumes_to_the_uninterrupted_res
     assert printed.count("finished earlier, kept") == 7
 
 
+def test_a_run_config_compares_numbers_by_value_and_names_the_changed_key(tmp_path):
+    # a section of free settings keeps 2e-4 as YAML 1.1 reads it: the string '2e-4'
+    started = {"name": "tiny", "rounds": 1, "rm": {"train": {"learning_rate": "2e-4", "max_steps": 1}}}
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(started))
+    run_dir = orchestrator.RunDir(tmp_path)
+    run_dir.check({**started, "rm": {"train": {"learning_rate": 2.0e-4, "max_steps": 1.0}}}, [])
+    with pytest.raises(ValueError, match=r"\(changed: rm.train.learning_rate\); pass --force"):
+        run_dir.check({**started, "rounds": 2, "rm": {"train": {"learning_rate": 3e-4, "max_steps": 1}}}, [])
+
+
 def test_changed_config_is_refused_and_force_redoes_the_named_stages(tiny_model_dir, tmp_path, capsys):
     given = write_given_prefs(tmp_path / "given.jsonl")
     config = tiny_run_config(tiny_model_dir, tmp_path / "runs", given, rounds=2)

@@ -92,7 +92,7 @@ def test_cli_writes_adapter_rm_dir_manifest_and_done(tmp_path, tiny_model_dir):
     adapter_config = json.loads((out / "adapter_config.json").read_text())
     assert adapter_config["base_model_name_or_path"] == str(tiny_model_dir.resolve())
     assert any((out / "logs").glob("events.out.tfevents.*"))
-    assert not (out / "checkpoints").exists() and not list(out.glob(".rm-*"))
+    assert not (out / "checkpoints").exists() and not (out / ".model.tmp").exists()
 
     # a finished stage is not trained again
     same = {**_config(tiny_model_dir, data, out, max_steps=2), "pack_responses": True, "min_margin": 0.5,
@@ -116,7 +116,7 @@ def test_resume_from_the_last_checkpoint_after_a_crash(tmp_path, tiny_model_dir,
     def crash(*args, **kwargs):
         raise RuntimeError("killed while saving")
 
-    monkeypatch.setattr(rm_module, "_save_rm", crash)
+    monkeypatch.setattr(rm_module.outdir, "save_model", crash)
     with pytest.raises(RuntimeError, match="killed"):
         train(cfg)
     out = tmp_path / "rm"

@@ -101,6 +101,7 @@ def test_resume_continues_the_step_count(tiny_model_dir, data_path, tmp_path):
     out = tmp_path / "out"
     first = sft.train(make_cfg(tiny_model_dir, data_path, out, max_steps=2, save_steps=2))
     assert first["steps"] == 2 and (out / "checkpoint-2").is_dir() and (out / "DONE").is_file()
+    (out / "DONE").unlink()  # a finished dir with another config is refused; without DONE it trains on
     second = sft.train(make_cfg(tiny_model_dir, data_path, out, max_steps=4, save_steps=2))
     assert second["start_step"] == 2 and second["steps"] == 4
     assert second["tokens_trained"] > second["session_tokens"] > 0  # the token count carried over as well

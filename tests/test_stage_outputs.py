@@ -63,45 +63,95 @@ def test_one_seed_gives_byte_identical_weights(stage, tmp_path):
     assert any(not torch.equal(a[k], c[k]) for k in a)  # the seed does reach the weights
 
 
-def test_a_finished_rm_is_reused_with_its_config_and_refused_with_another(tmp_path, capsys):
-    config = _config("rm", tmp_path, "rm", max_steps=1)
-    assert main(["rm", str(config)]) == 0
-    out = tmp_path / "rm"
-    finished = _snapshot(out)
+def _trainer(stage: str):
+    """The trainer class whose `train` a stage calls."""
+    from posttrain import dpo
+    from rewards import model as rm
 
-    assert main(["rm", str(config)]) == 0  # the same run: returned as is, nothing rewritten
-    assert _snapshot(out) == finished
-    assert main(["rm", str(config), "train.learning_rate=0.01"]) == 2
-    assert "finished RM run of another config or other data (changed: train.learning_rate)" in capsys.readouterr().err
-    _write(tmp_path / "data.jsonl", PAIRS[:4])
-    assert main(["rm", str(config)]) == 2
-    assert "(changed: the contents of the data files)" in capsys.readouterr().err
-    assert _snapshot(out) == finished
+    return {"sft": sft._SFTTrainer, "dpo": dpo.LlamaDPOTrainer, "rm": rm._RMTrainer}[stage]
 
 
-def test_a_failed_sft_rerun_keeps_the_finished_model_and_a_good_one_replaces_it(tmp_path, monkeypatch, capsys):
+def _stat(root: Path) -> dict[str, tuple[str, int]]:
+    """Every file under `root`: its sha256 and its mtime, so that a file written again with the same bytes shows."""
+    return {name: (digest, (root / name).stat().st_mtime_ns) for name, digest in _snapshot(root).items()}
+
+
+@pytest.mark.parametrize("stage", ["sft", "dpo", "rm"])
+def test_a_finished_stage_is_returned_as_is_and_refused_with_another_config_or_data(stage, tmp_path, monkeypatch,
+                                                                                   capsys):
+    from posttrain.cli import STAGES
+    from posttrain.config import load_config
+
+    config = _config(stage, tmp_path, stage, max_steps=1)
+    assert main([stage, str(config)]) == 0
+    out, data = tmp_path / stage, tmp_path / "data.jsonl"
+    finished, manifest = _stat(out), json.loads((out / "manifest.json").read_text())
+
+    def retrain(self, *args, **kwargs):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(_trainer(stage), "train", retrain)
+    capsys.readouterr()
+    # the same run, with the learning rate written as 1e-3, which YAML 1.1 reads as a string
+    assert main([stage, str(config), "train.learning_rate=1e-3"]) == 0
+    assert f"{stage}: {out} already holds this run, finished with the same config and data" in capsys.readouterr().out
+    module, cls, entry, _ = STAGES[stage]
+    cfg = load_config(getattr(__import__(module, fromlist=[cls]), cls), config)
+    result = getattr(__import__(module, fromlist=[entry]), entry)(cfg)
+    assert result == (manifest if stage == "dpo" else manifest["metrics"])
+    assert _stat(out) == finished  # nothing retrained, rewritten or touched
+
+    assert main([stage, str(config), "train.learning_rate=0.01", "lora.r=8"]) == 2
+    err = capsys.readouterr().err
+    assert (f"holds a finished {stage.upper()} run of another config or other data (changed: lora.r, "
+            "train.learning_rate); choose a new train.output_dir, or delete this one to redo it") in err
+    _write(data, (SFT_RECORDS if stage == "sft" else PAIRS)[:4])
+    assert main([stage, str(config)]) == 2
+    assert f"(changed: the contents of {data});" in capsys.readouterr().err
+    assert _stat(out) == finished
+
+
+def test_a_finished_sft_without_done_trains_again_and_its_model_is_replaced_only_once_saved(tmp_path, monkeypatch):
     out = tmp_path / "sft"
     assert main(["sft", str(_config("sft", tmp_path, "sft", max_steps=1)), "lora.merge=false"]) == 0
     finished = _snapshot(out)
     assert {"adapter_config.json", "manifest.json", "DONE", ".posttrain.json"} <= set(finished)
-    assert main(["sft", str(_config("sft", tmp_path, "sft", max_steps=1)), "lora.merge=false"]) == 0
-    assert _snapshot(out) == finished  # the same config and data: the finished run is returned as is
+    config = _config("sft", tmp_path, "sft", max_steps=2)
+    assert main(["sft", str(config)]) == 2  # another config: refused while the dir is finished
+    (out / "DONE").unlink()  # docs/errors-and-output-dirs.md: how a finished dir is trained further
+    del finished["DONE"]
 
     def crash(self, *args, **kwargs):
         raise RuntimeError("the machine went away")
 
-    config = _config("sft", tmp_path, "sft", max_steps=2)
     monkeypatch.setattr(sft._SFTTrainer, "train", crash)
     with pytest.raises(RuntimeError, match="went away"):  # not a user error: the traceback stays
         main(["sft", str(config)])
     after = _snapshot(out)
-    assert {name: after.get(name) for name in finished} == finished  # model, manifest and DONE untouched
+    assert {name: after.get(name) for name in finished} == finished  # model and manifest untouched
     monkeypatch.undo()
 
     assert main(["sft", str(config)]) == 0  # merged weights now: the old adapter must not linger beside them
     names = {p.name for p in out.iterdir()}
     assert {"model.safetensors", "manifest.json", "DONE"} <= names and "adapter_config.json" not in names
+    assert ".model.tmp" not in names
     assert json.loads((out / "manifest.json").read_text())["metrics"]["steps"] == 2
+
+
+@pytest.mark.parametrize(("old", "new"), [("1e-4", 0.0001), (1, 1.0), ("2e-4", 2.0e-4), ([1, "5e-1"], [1.0, 0.5]),
+                                          ({"weight": 2}, {"weight": 2.0})])
+def test_numbers_in_a_config_are_compared_by_value(old, new):
+    from posttrain.outdir import changed_keys
+
+    assert changed_keys({"train": {"learning_rate": old}}, {"train": {"learning_rate": new}}) == []
+
+
+def test_a_changed_number_or_a_string_that_only_looks_like_one_is_a_change():
+    from posttrain.outdir import changed_keys
+
+    old = {"train": {"learning_rate": "1e-4", "seed": 1}, "name": "1e3", "data": [{"weight": 1}], "on": True}
+    new = {"train": {"learning_rate": 0.001, "seed": 1}, "name": "1000", "data": [{"weight": 2}], "on": 1}
+    assert changed_keys(old, new) == ["data", "name", "on", "train.learning_rate"]
 
 
 def test_ctrl_c_names_the_dir_the_last_checkpoint_and_the_resume_command(tmp_path, monkeypatch, capsys):
