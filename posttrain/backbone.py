@@ -145,6 +145,11 @@ def load_model(
 
 
 def _from_gguf(auto: type, path: Path, kwargs: dict) -> PreTrainedModel:
+    from posttrain import gguf_format
+
+    rope = gguf_format.rope_parameters(path)
+    if rope is not None:  # Llama 3 RoPE scaling, which transformers' GGUF loader leaves out (posttrain/gguf_format.py)
+        kwargs = {**kwargs, "rope_parameters": rope}
     # Dense weights: a model left in GGUF blocks (when the `kernels` package is there) can be neither trained nor saved.
     return auto.from_pretrained(str(path.parent), gguf_file=path.name, quantization_config=GgufConfig(dequantize=True),
                                 **kwargs)

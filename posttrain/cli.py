@@ -34,7 +34,7 @@ STAGES = {
 # tool -> (module with main(argv), help)
 TOOLS = {
     "inspect": ("posttrain.inspect", "print a record as the model sees it"),
-    "export": ("posttrain.export", "write a model as an HF dir (adapter or merged) or a Meta-native dir"),
+    "export": ("posttrain.export", "write a model as an HF dir (adapter or merged), a Meta-native dir or a GGUF file"),
     "chat": ("posttrain.chat_cli", "talk to a model in its own chat template (one-shot with --prompt)"),
     "status": ("rounds.status", "what a run dir holds: stages done, what runs next, scores, disk used"),
 }
