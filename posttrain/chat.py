@@ -5,7 +5,9 @@ Llama 3 tokenizers get the exact Llama 3.1 format, token for token as Meta's `Ch
 role name, "\\n\\n" and the content are tokenised separately and special-token text inside content stays plain text.
 Tool-call turns are written by `posttrain.tools.write_calls` (python tag, call text, `<|eom_id|>` or `<|eot_id|>`).
 Other tokenizers (SmolLM2's ChatML) render through their own chat template; the mask is found by rendering once more
-with a sentinel in place of every content and diffing the two texts.
+with a sentinel in place of every content and diffing the two texts. A template that writes no tool definitions (or
+no tool calls) gets them as plain text instead: the Llama 3.1 tool prompts as turns of their own, each call as its
+format's text after the turn's content, which `parse_completion` reads back (docs/tool-formats.md).
 """
 
 from __future__ import annotations
@@ -14,11 +16,13 @@ import itertools
 import re
 from dataclasses import dataclass
 
+import jinja2
+
 from posttrain.data import validate_messages
 from posttrain.tokenizer import BEGIN_OF_TEXT, END_HEADER, EOM, EOT, PYTHON_TAG, START_HEADER, STOP_IDS, is_llama3
 from posttrain.tools import CUSTOM_FORMATS, REFERENCES, format_tool_definitions, parse_tool_calls
 from posttrain.tools import PYTHON_TAG as PYTHON_TAG_TEXT
-from posttrain.tools import split_tool_definitions, write_calls
+from posttrain.tools import make_call, split_tool_definitions, write_calls
 
 DEFAULT_DATE = "26 Jul 2024"
 KNOWLEDGE_CUTOFF = "December 2023"
@@ -106,6 +110,11 @@ def render(messages: list[dict], tokenizer, *, tools: list | None = None, add_ge
         raise ValueError(f"tool_reference: {tool_reference!r}, expected one of {', '.join(REFERENCES)}")
     messages = validate_messages(messages, "messages")
     if not is_llama3(tokenizer):
+        definitions, calls = _template_writes_tools(tokenizer)
+        if tools and not definitions:
+            messages, tools = with_tool_prompts(messages, tools, tool_format, date), None
+        if not calls:
+            messages = [_calls_as_text(m, tool_format, tool_reference) if m.get("tool_calls") else m for m in messages]
         return _render_template(messages, tokenizer, tools or None, add_generation_prompt, train_on)
     if tools:
         messages = with_tool_prompts(messages, tools, tool_format, date)
@@ -165,6 +174,37 @@ def _split_long_runs(text: str):
 
 # ---- other tokenizers: their own chat template ---------------------------------------------------------------------
 
+_PROBE_DEFINITION, _PROBE_CALL = "posttrain_probe_definition", "posttrain_probe_call"
+_TEMPLATE_TOOLS: dict[str, tuple[bool, bool]] = {}  # chat template -> what _template_writes_tools found
+
+
+def _template_writes_tools(tokenizer) -> tuple[bool, bool]:
+    """(writes tool definitions, writes tool calls): whether the tokenizer's chat template puts a probe tool's name in
+    the text, given as a definition and as an assistant's call. SmolLM2's ChatML template writes neither."""
+    template = tokenizer.chat_template or ""
+    if template not in _TEMPLATE_TOOLS:
+        probe = [{"role": "user", "content": "?"},
+                 {"role": "assistant", "content": "", "tool_calls": [make_call(_PROBE_CALL, {})]}]
+        tool = {"type": "function", "function": {"name": _PROBE_DEFINITION, "description": "",
+                                                 "parameters": {"type": "object", "properties": {}}}}
+        try:
+            text = tokenizer.apply_chat_template(probe, tools=[tool], tokenize=False)
+        except jinja2.TemplateError:  # a template that refuses tool calls writes none
+            text = tokenizer.apply_chat_template(probe[:1], tools=[tool], tokenize=False)
+        _TEMPLATE_TOOLS[template] = (_PROBE_DEFINITION in text, _PROBE_CALL in text)
+    return _TEMPLATE_TOOLS[template]
+
+
+def _calls_as_text(message: dict, tool_format: str, tool_reference: str) -> dict:
+    """An assistant call turn as plain content: the calls written as in the Llama 3 path (tools.write_calls), the
+    python tag as text."""
+    turn = write_calls(message["tool_calls"], tool_format, tool_reference)
+    tag = PYTHON_TAG_TEXT if turn.python_tag else ""
+    before, after = (tag, "") if turn.tag_before_content else ("", tag)
+    content = before + message["content"] + after + "".join(turn.pieces)
+    return {k: v for k, v in message.items() if k != "tool_calls"} | {"content": content}
+
+
 def _template_messages(messages: list[dict], contents: list[str]) -> list[dict]:
     # HF chat templates call the tool role "tool"
     return [{**m, "role": "tool" if m["role"] == "ipython" else m["role"], "content": c}
@@ -217,9 +257,6 @@ def _render_template(messages: list[dict], tokenizer, tools, add_generation_prom
         for j in _header_tokens(text, ids, offsets, special, prev_end, start, role):
             fmt[j] = True
         term = next((j for j, (s, _) in enumerate(offsets) if s >= end and ids[j] in special), None)
-        if messages[i].get("tool_calls") and not _renders_calls(text, end, offsets, term, messages[i]["tool_calls"]):
-            raise ValueError(f"messages[{i}].tool_calls: the chat template of {tokenizer.name_or_path!r} "
-                             "does not render tool calls")
         if term is not None:
             fmt[term] = True
         if i in trained:
@@ -240,12 +277,6 @@ def _header_tokens(text, ids, offsets, special, region_start: int, region_end: i
     role_at = text.rfind(role, region_start, region_end)
     opens = [j for j in inside if ids[j] in special and (role_at < 0 or offsets[j][0] <= role_at)]
     return [j for j in inside if j >= opens[-1]] if opens else []
-
-
-def _renders_calls(text: str, content_end: int, offsets, term, calls: list) -> bool:
-    stop = offsets[term][0] if term is not None else len(text)
-    names = [c.get("function", c).get("name", "") for c in calls]
-    return all(name in text[content_end:stop] for name in names)
 
 
 # ---- completions -----------------------------------------------------------------------------------------------------

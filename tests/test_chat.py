@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import importlib.util
 from pathlib import Path
 
@@ -245,8 +246,33 @@ def test_chatml_masks(smollm2_tokenizer):
     assert spans(last.mask) == ["\n2 + 2 = 4<|im_end|>"]
 
 
-def test_chatml_rejects_unrendered_tool_calls(smollm2_tokenizer):
-    dialog = [{"role": "user", "content": "Hi"},
-              {"role": "assistant", "content": "", "tool_calls": [{"function": {"name": "f", "arguments": {}}}]}]
-    with pytest.raises(ValueError, match=r"messages\[1\]\.tool_calls: the chat template .* does not render tool calls"):
-        render(dialog, smollm2_tokenizer)
+def test_a_template_that_refuses_tool_calls_gets_them_as_text(smollm2_tokenizer):
+    tok = copy.deepcopy(smollm2_tokenizer)
+    tok.chat_template = ("{% for m in messages %}{% if m.tool_calls %}{{ raise_exception('no tool calls') }}{% endif %}"
+                         "{{ '<|im_start|>' + m.role + '\\n' + m.content + '<|im_end|>\\n' }}{% endfor %}")
+    call = {"type": "function", "function": {"name": "f", "arguments": {"n": 1}}}
+    r = render([{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "", "tool_calls": [call]}], tok,
+               tool_format="function_tag")
+    assert tok.decode(r.ids) == '<|im_start|>user\nHi<|im_end|>\n<|im_start|>assistant\n<function=f>{"n": 1}</function><|im_end|>\n'
+
+
+def test_chatml_writes_tools_and_calls_as_text(smollm2_tokenizer):
+    """SmolLM2's template writes neither tool definitions nor calls: both come as the Llama 3.1 JSON tool text."""
+    tok = smollm2_tokenizer
+    tools = [{"type": "function", "function": {"name": "get_time", "description": "The time in a zone",
+                                               "parameters": {"type": "object", "properties": {"zone": {"type": "string"}}}}}]
+    call = {"type": "function", "function": {"name": "get_time", "arguments": {"zone": "UTC"}}}
+    dialog = [{"role": "user", "content": "Time in UTC?"}, {"role": "assistant", "content": "", "tool_calls": [call]}]
+    r = render(dialog, tok, tools=tools)
+    written = '<|python_tag|>{\n    "type": "function",\n    "name": "get_time",\n    "parameters": {\n        "zone": "UTC"\n    }\n}'
+    text = tok.decode(r.ids)
+    assert text.startswith("<|im_start|>system\nEnvironment: ipython\nCutting Knowledge Date: December 2023\n"
+                           "Today Date: 26 Jul 2024<|im_end|>\n<|im_start|>user\nAnswer the user's question by "
+                           "making use of the following functions if needed.\n")
+    assert '"description": "The time in a zone"' in text and "Return function calls in JSON format.<|im_end|>" in text
+    assert text.endswith(f"<|im_start|>user\nTime in UTC?<|im_end|>\n<|im_start|>assistant\n{written}<|im_end|>\n")
+    trained = tok.decode([i for i, m in zip(r.ids, r.mask) if m])
+    assert trained == written + "<|im_end|>"
+    assert parse_completion(trained)["tool_calls"] == [call]
+    prompt = render(dialog[:1], tok, tools=tools, add_generation_prompt=True)
+    assert prompt.ids == r.ids[:len(prompt.ids)]  # what generation sees is what training sees
