@@ -356,6 +356,28 @@ def _verify_unit_tests(message: dict | str, meta: dict) -> float:
     return unit_tests(message, _need(meta, "tests", "unit_tests"), **limits)
 
 
+def _verify_tool_call(message: dict | str, meta: dict) -> float:
+    """Without meta.expected_calls: the calls are valid for meta.tools (tool_call_valid). With them: the calls match
+    the expected ones by rewards.tool_eval.ast_match, its `rules` (bfcl, the default, or strict) and `order` (any,
+    the default, or exact) read from meta; a call without a name or with arguments that are no object scores 0."""
+    if "expected_calls" not in meta:
+        return tool_call_valid(message, _need(meta, "tools", "tool_call"))
+    from rewards.tool_eval import ast_match  # rewards.tool_eval imports this module
+
+    if isinstance(message, str):
+        from posttrain.chat import parse_completion
+
+        message = parse_completion(message)
+    calls = message.get("tool_calls") or []
+    try:
+        for i, call in enumerate(calls):
+            call_name_args(call, f"tool_calls[{i}]")
+    except ValueError:
+        return 0.0
+    return float(ast_match(calls, meta["expected_calls"], meta.get("tools"), order=meta.get("order", "any"),
+                           rules=meta.get("rules", "bfcl"))[0])
+
+
 def _verify_json_schema(message: dict | str, meta: dict) -> float:
     schema = _need(meta, "schema", "json_schema")
     if not isinstance(schema, dict):
@@ -376,7 +398,7 @@ VERIFIERS: dict[str, Verifier] = {
     "exact": lambda m, meta: exact_match(m, _need(meta, "answer", "exact")),
     "regex": lambda m, meta: regex_match(m, _need(meta, "pattern", "regex")),
     "unit_tests": _verify_unit_tests,
-    "tool_call": lambda m, meta: tool_call_valid(m, _need(meta, "tools", "tool_call")),
+    "tool_call": _verify_tool_call,
     "json_schema": _verify_json_schema,
     "constraints": _verify_constraints,
 }

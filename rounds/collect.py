@@ -121,6 +121,11 @@ def scored_pairs(completions: list[dict], cfg: PrefsConfig) -> list[tuple[dict, 
     return [(winners[i % len(winners)], loser) for i, loser in enumerate(losers[:cfg.pairs_per_prompt])]
 
 
+def _tools(prompt: dict) -> dict:
+    """The prompt's tool definitions for its pairs, so that the RM and DPO render them as sampling did."""
+    return {"tools": prompt["tools"]} if prompt.get("tools") else {}
+
+
 def _labelled_pairs(cfg: PrefsConfig, sampled: Path, prompts: dict[str, dict]) -> list[dict]:
     pairs = []
     for sample in _samples(sampled):
@@ -128,7 +133,7 @@ def _labelled_pairs(cfg: PrefsConfig, sampled: Path, prompts: dict[str, dict]) -
         for i, (chosen, rejected) in enumerate(scored_pairs(sample["completions"], cfg)):
             pairs.append({"id": f"{prompt['id']}/{i}", "prompt": prompt["messages"], "chosen": [chosen["message"]],
                           "rejected": [rejected["message"]], "margin": chosen["reward"] - rejected["reward"],
-                          "source": f"prefs:{cfg.labeler}"})
+                          **_tools(prompt), "source": f"prefs:{cfg.labeler}"})
     return pairs
 
 
@@ -150,7 +155,8 @@ def _human_pairs(labels_path: Path, sampled: Path, prompts: dict[str, dict]) -> 
         rating = {"rating": label["rating"]} if "rating" in label else {}
         pairs.append({"id": prompt["id"], "prompt": prompt["messages"], **rating,
                       "chosen": [completions[label["chosen"]]["message"]],
-                      "rejected": [completions[label["rejected"]]["message"]], "source": "prefs:human"})
+                      "rejected": [completions[label["rejected"]]["message"]], **_tools(prompt),
+                      "source": "prefs:human"})
     return pairs
 
 
