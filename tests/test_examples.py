@@ -48,6 +48,8 @@ LOADERS = {
     "tasks/constraints/eval.jsonl": _task_records(_task_config("configs/tasks/constraints-3round.yaml")),
     "tasks/multiplication/train.jsonl": _task_records(MULTIPLICATION),
     "tasks/multiplication/eval.jsonl": _task_records(MULTIPLICATION),
+    "tasks/tooluse/train.jsonl": _task_records(_task_config("configs/tasks/tooluse-3round.yaml")),
+    "tasks/tooluse/eval.jsonl": _task_records(_task_config("configs/tasks/tooluse-3round.yaml")),
     "tools/search_corpus.jsonl": lambda p: LocalCorpusSearch(p).docs,
     "tools/tasks.jsonl": load_tasks,
     "tools/tool_eval.jsonl": load_eval_set,
