@@ -19,7 +19,7 @@ import yaml
 from safetensors.torch import load_file
 
 from multiproc import launch
-from posttrain import sft
+from posttrain import outdir, sft
 from posttrain.config import from_dict
 from posttrain.sft import SFTStageConfig
 
@@ -62,7 +62,7 @@ def assert_launched_like_one(tmp_path, model_dir, *, lora: bool) -> None:
     assert out / "DONE" in writes[0] and out / "manifest.json" in writes[0]
     by_rank_1 = [p for p in writes[1] if p.is_relative_to(out) and p.name in RANK_0_ONLY]
     assert by_rank_1 == [], by_rank_1
-    assert (tmp_path / "two" / "DONE").is_file() and not (tmp_path / "two" / sft.TMP_MODEL_DIR).exists()
+    assert (tmp_path / "two" / "DONE").is_file() and not (tmp_path / "two" / outdir.TMP_MODEL_DIR).exists()
 
 
 @pytest.mark.slow  # one launch of 2 processes: ~35 s on 2 cores
